@@ -1,0 +1,32 @@
+# Two entry points: `make demo` and `make test`. Each sets up .venv first if needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[models,gpu,service,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	rm -rf demo-output
+	$(BIN)/download_and_process --urls-file clips/demo-urls.txt --input-clip-dir clips \
+		--output-dir demo-output --workers 1 --start-delay 0
+	@echo "vstreams:"; find demo-output -name '*.hevc' | sort
+
+test: $(STAMP)
+	$(BIN)/ruff check daemon tests bench
+	$(BIN)/mypy daemon
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_pipeline.py
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,181 @@
+"""Command line: `download_and_process [run] --urls-file …`, `logs`, and the service's commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from loguru import logger
+
+from daemon import logs
+from daemon.config import ConfigError, Settings, load_settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+COMMANDS = ("run", "logs")
+DEFAULT_CONFIG = Path("config.toml")
+
+
+class UsageError(Exception):
+    pass
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="settings file (default: ./config.toml if present)")
+    parser.add_argument("--workers", "-w", type=int, help="worker processes (default 2)")
+    parser.add_argument("--start-delay", "-d", type=float, help="seconds between worker starts (default 15)")
+    parser.add_argument("--width", type=int, help="output width (default 1280)")
+    parser.add_argument("--height", type=int, help="output height (default 720)")
+    parser.add_argument("--fps", type=float, help="output frames per second (default 30)")
+    parser.add_argument("--device-id", type=int, help="GPU index (default 0)")
+    parser.add_argument("--log-level", help="TRACE, DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument("--temp-dir", help="where downloads go while they are processed")
+    parser.add_argument(
+        "--retry-failed",
+        action="store_true",
+        default=None,
+        help="also retry URLs that failed for permanent reasons",
+    )
+
+
+_FLAG_KEYS = {
+    "workers": "run.workers",
+    "start_delay": "run.start_delay",
+    "width": "output.width",
+    "height": "output.height",
+    "fps": "output.fps",
+    "device_id": "run.device_id",
+    "log_level": "run.log_level",
+    "temp_dir": "run.temp_dir",
+    "retry_failed": "run.retry_failed",
+}
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    path = args.config
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    overrides = {key: getattr(args, flag, None) for flag, key in _FLAG_KEYS.items()}
+    return load_settings(path, overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="download_and_process",
+        description="Download videos, cut the clips listed per video, write one HEVC stream per clip.",
+    )
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="process a URL list once (the default command)")
+    run.add_argument("--urls-file", "-u", type=Path, required=True, help="one URL or local file per line")
+    run.add_argument(
+        "--input-clip-dir", "-c", type=Path, required=True, help="folder of <VIDEOID>.txt clip files"
+    )
+    run.add_argument("--output-dir", "-o", type=Path, required=True, help="where <VIDEOID>/… .hevc files go")
+    _add_settings_flags(run)
+
+    show = sub.add_parser("logs", help="print or follow the log files")
+    show.add_argument(
+        "--output-dir", "-o", type=Path, help="output folder of the run (logs are in its logs/)"
+    )
+    show.add_argument("--log-dir", type=Path, help="log folder, if run.log_dir was set")
+    show.add_argument("--config", type=Path)
+    show.add_argument("--worker", type=int, help="only this worker's log")
+    show.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
+        argv.insert(0, "run")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "logs":
+            return _logs(args)
+        return _run(args)
+    except (ConfigError, UsageError) as exc:
+        print(f"download_and_process: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _log_dir(args: argparse.Namespace) -> Path:
+    if args.log_dir:
+        return Path(args.log_dir)
+    config = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    settings = load_settings(config)
+    if settings.run.log_dir:
+        return Path(settings.run.log_dir).expanduser()
+    if args.output_dir:
+        return Path(args.output_dir) / "logs"
+    raise UsageError("logs: give --output-dir (or --log-dir)")
+
+
+def _logs(args: argparse.Namespace) -> int:
+    return logs.show_logs(_log_dir(args), args.worker, args.follow)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from daemon.progress import ProgressView
+    from daemon.supervisor import AlreadyRunning, RunPaths, Supervisor, install_signal_handlers
+    from daemon.urls import parse_url_list
+
+    settings = settings_from_args(args)
+    if not args.urls_file.is_file():
+        raise UsageError(f"--urls-file {args.urls_file}: no such file")
+    if not args.input_clip_dir.is_dir():
+        raise UsageError(f"--input-clip-dir {args.input_clip_dir}: no such folder")
+    paths = RunPaths.from_settings(settings, args.input_clip_dir, args.output_dir)
+    logs.configure(
+        "supervisor",
+        logs.supervisor_log_path(paths.log_dir),
+        settings.run.log_level,
+        json_lines=settings.run.log_json,
+        rotation=settings.run.log_rotation,
+        retention=settings.run.log_retention,
+        console=sys.stderr,
+    )
+    url_list = parse_url_list(args.urls_file.resolve())
+    for problem in url_list.problems:
+        logger.warning(problem)
+    check_stages(settings)
+
+    progress = ProgressView(len(url_list.sources), settings.run.progress_interval_seconds)
+    supervisor = Supervisor(settings, paths, on_event=progress.on_event)
+    try:
+        supervisor.open()
+    except AlreadyRunning as exc:
+        progress.stop()
+        raise UsageError(str(exc)) from exc
+    install_signal_handlers(supervisor)
+    logger.info(
+        f"{len(url_list.sources)} URL(s) from {args.urls_file}; {settings.run.workers} worker(s); "
+        f"output {paths.output_dir}; logs {paths.log_dir}"
+    )
+    try:
+        for source in url_list.sources:
+            supervisor.submit(source)
+        supervisor.run_until_idle()
+    finally:
+        supervisor.close()
+        progress.stop()
+    totals = supervisor.totals
+    print(f"summary: {totals.line()}")
+    logger.info(f"summary: {totals.line()}")
+    if supervisor.draining and len(supervisor.outcomes) < len(url_list.sources):
+        logger.warning("stopped before every URL ended; run the same command again to resume")
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if "failed" in supervisor.outcomes.values() else EXIT_OK
+
+
+def check_stages(settings: Settings) -> None:
+    """Build every stage once before any download, so a missing model stops the run at once."""
+    import torch
+
+    from daemon.stages import build_stages
+
+    try:
+        build_stages(settings, torch.device("cpu"))
+    except (FileNotFoundError, ImportError, ValueError, NotImplementedError) as exc:
+        raise ConfigError(f"stages: {exc}") from exc

@@ -1,0 +1,196 @@
+"""Settings: one frozen, validated object, loaded once from config.toml and the command line.
+
+Every key that config.toml may hold is declared here with its default; an unknown key or a
+bad value stops the program at start-up with the key's dotted name, before any download.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """A configuration problem the user must fix; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class RunSettings(_Section):
+    workers: int = Field(2, ge=1, le=256)
+    start_delay: float = Field(15.0, ge=0)
+    device_id: int = Field(0, ge=0)
+    log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
+    log_dir: str = ""
+    log_json: bool = False
+    log_rotation: str = "50 MB"
+    log_retention: int = Field(5, ge=1)
+    temp_dir: str = ""
+    state_dir: str = ""
+    retry_failed: bool = False
+    # On SIGTERM/SIGINT, how long in-flight clips may take to finish before workers are stopped.
+    grace_seconds: float = Field(60.0, ge=0)
+    progress_interval_seconds: float = Field(30.0, gt=0)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class ClipSettings(_Section):
+    clip_fps: float = Field(30.0, gt=0)
+
+
+class OutputSettings(_Section):
+    width: int = Field(1280, ge=16, le=8192)
+    height: int = Field(720, ge=16, le=8192)
+    fps: float = Field(30.0, gt=0, le=240)
+    resize_mode: Literal["crop", "pad", "stretch"] = "crop"
+    pad_color: str = "#000000"
+
+    @model_validator(mode="after")
+    def _even(self) -> OutputSettings:
+        if self.width % 2 or self.height % 2:
+            raise ValueError("width and height must be even for 4:2:0 video")
+        return self
+
+
+class EncodeSettings(_Section):
+    codec: Literal["auto", "cpu", "gpu"] = "auto"
+    preset: str = "fast"
+    crf: float = Field(23.0, ge=0, le=51)
+    max_bitrate_kbps: int = Field(4000, ge=100)
+    buffer_kbits: int = Field(8000, ge=100)
+    gop: int = Field(240, ge=1)
+    threads: int = Field(0, ge=0)
+    nvenc_preset: str = "p4"
+    nvenc_tuning: str = "hq"
+
+
+class DownloadSettings(_Section):
+    format: str = "wv[height>={height}]/bv/b"
+    attempts: int = Field(3, ge=1, le=20)
+    backoff_initial_seconds: float = Field(2.0, ge=0)
+    backoff_max_seconds: float = Field(60.0, ge=0)
+    rate_limited_backoff_seconds: float = Field(60.0, ge=0)
+    socket_timeout_seconds: float = Field(30.0, gt=0)
+    cookies_file: str = ""
+    proxy: str = ""
+    rate_limit: str = ""
+    sleep_interval_seconds: float = Field(0.0, ge=0)
+    max_filesize_mb: float = Field(0.0, ge=0)
+    extra_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("cookies_file")
+    @classmethod
+    def _cookies_exist(cls, value: str) -> str:
+        if value and not Path(value).expanduser().is_file():
+            raise ValueError(f"cookies file {value!r} does not exist")
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        if value:
+            from yt_dlp.utils import parse_bytes
+
+            if parse_bytes(value) is None:
+                raise ValueError(f"{value!r} is not a rate such as '5M' or '800K'")
+        return value
+
+
+class DecodeSettings(_Section):
+    # A gap between clips longer than this is crossed by seeking rather than decoding through.
+    seek_threshold_seconds: float = Field(5.0, ge=0)
+    batch_size: int = Field(8, ge=1, le=256)
+    threads: int = Field(0, ge=0)
+
+
+StageName = Literal["resize", "upscale", "matte", "composite"]
+
+
+class Settings(_Section):
+    run: RunSettings = RunSettings()
+    clips: ClipSettings = ClipSettings()
+    output: OutputSettings = OutputSettings()
+    encode: EncodeSettings = EncodeSettings()
+    download: DownloadSettings = DownloadSettings()
+    decode: DecodeSettings = DecodeSettings()
+    stages: list[StageName] = Field(default_factory=lambda: list[StageName](["resize"]))
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, value: list[StageName]) -> list[StageName]:
+        if len(set(value)) != len(value):
+            raise ValueError("a stage is listed twice")
+        if "resize" not in value:
+            raise ValueError("'resize' must be one of the stages: the output has a fixed size")
+        return value
+
+    @property
+    def fps(self) -> Fraction:
+        return to_fraction(self.output.fps)
+
+    @property
+    def clip_fps(self) -> Fraction:
+        return to_fraction(self.clips.clip_fps)
+
+
+def to_fraction(rate: float) -> Fraction:
+    """29.97-style rates become 30000/1001, exact rates stay exact."""
+    fraction = Fraction(rate).limit_denominator(1001)
+    return fraction
+
+
+def _format_error(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{source}: {key}: {message}")
+    return "; ".join(lines)
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(path: Path | None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Read `path` (if given), apply dotted-key overrides such as {"output.width": 640}, validate."""
+    data: dict[str, Any] = {}
+    source = str(path) if path else "settings"
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: config file not found") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    nested: dict[str, Any] = {}
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = nested
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return Settings.model_validate(_merge(data, nested))
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from exc

@@ -1,0 +1,238 @@
+"""Fetching one URL with yt-dlp, retrying what is transient and failing fast on what is not."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tenacity
+import yt_dlp
+from loguru import logger
+from yt_dlp.networking.exceptions import HTTPError, IncompleteRead, TransportError
+from yt_dlp.utils import DownloadError, ExtractorError, UnsupportedError, parse_bytes
+
+from daemon.config import DownloadSettings, OutputSettings
+
+# Message fragments of failures that no retry can fix.
+_PERMANENT_HINTS = (
+    "unsupported url",
+    "private video",
+    "video unavailable",
+    "has been removed",
+    "not available",
+    "account associated with this video has been terminated",
+    "sign in to confirm your age",
+    "members-only",
+    "requested format is not available",
+    "copyright",
+    "does not exist",
+)
+_TRANSIENT_HINTS = (
+    "timed out",
+    "timeout",
+    "connection reset",
+    "connection refused",
+    "connection aborted",
+    "remote end closed",
+    "incomplete",
+    "temporary failure",
+    "try again later",
+    "bytes read",
+)
+
+
+@dataclass
+class DownloadFailure(Exception):
+    url: str
+    reason: str
+    kind: str  # "transient", "rate_limited" or "permanent"
+
+    def __str__(self) -> str:
+        return self.reason
+
+    @property
+    def transient(self) -> bool:
+        return self.kind != "permanent"
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and what it wraps, through yt-dlp's exc_info and cause attributes."""
+    seen: list[BaseException] = []
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        item = pending.pop()
+        if item is None or item in seen or len(seen) > 10:
+            continue
+        seen.append(item)
+        info = getattr(item, "exc_info", None)
+        if isinstance(info, tuple) and len(info) > 1 and isinstance(info[1], BaseException):
+            pending.append(info[1])
+        cause = getattr(item, "cause", None)
+        if isinstance(cause, BaseException):
+            pending.append(cause)
+        pending.append(item.__cause__)
+        pending.append(item.__context__)
+    return seen
+
+
+def _clean(message: str) -> str:
+    message = message.replace("ERROR: ", "").strip()
+    return " ".join(message.split())
+
+
+def classify(url: str, exc: BaseException) -> DownloadFailure:
+    chain = _chain(exc)
+    message = _clean(str(exc)) or type(exc).__name__
+    for item in chain:
+        if isinstance(item, HTTPError):
+            status = item.status
+            if status == 429:
+                return DownloadFailure(url, f"HTTP 429 Too Many Requests: {message}", "rate_limited")
+            if status >= 500 or status == 408:
+                return DownloadFailure(url, f"HTTP {status}: {message}", "transient")
+            return DownloadFailure(url, f"HTTP {status}: {message}", "permanent")
+    for item in chain:
+        if isinstance(item, UnsupportedError):
+            return DownloadFailure(url, f"unsupported URL: {message}", "permanent")
+        if isinstance(item, (IncompleteRead, TransportError, TimeoutError, ConnectionError)):
+            return DownloadFailure(url, message, "transient")
+    lowered = message.lower()
+    if any(hint in lowered for hint in _TRANSIENT_HINTS):
+        return DownloadFailure(url, message, "transient")
+    if any(hint in lowered for hint in _PERMANENT_HINTS):
+        return DownloadFailure(url, message, "permanent")
+    if any(isinstance(item, ExtractorError) and item.expected for item in chain):
+        return DownloadFailure(url, message, "permanent")
+    # Unknown errors get the benefit of the doubt, but only `attempts` times.
+    return DownloadFailure(url, message, "transient")
+
+
+class _YtdlpLog:
+    """Routes yt-dlp's own messages into the worker's log instead of the terminal."""
+
+    def debug(self, message: str) -> None:
+        if message.startswith("[debug] "):
+            return
+        logger.debug(message)
+
+    def info(self, message: str) -> None:
+        logger.debug(message)
+
+    def warning(self, message: str) -> None:
+        logger.warning(_clean(message))
+
+    def error(self, message: str) -> None:
+        logger.debug(_clean(message))
+
+
+def ytdlp_options(settings: DownloadSettings, output: OutputSettings, folder: Path) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "format": settings.format.format(width=output.width, height=output.height),
+        "outtmpl": {"default": str(folder / "%(id)s.%(ext)s")},
+        "noplaylist": True,
+        "quiet": True,
+        "no_warnings": False,
+        "noprogress": True,
+        "logger": _YtdlpLog(),
+        # Retries are ours (with backoff and a record of each); yt-dlp's own would hide them.
+        "retries": 0,
+        "fragment_retries": 0,
+        "extractor_retries": 0,
+        "continuedl": True,
+        "overwrites": False,
+        "socket_timeout": settings.socket_timeout_seconds,
+        "restrictfilenames": True,
+        "windowsfilenames": False,
+    }
+    if settings.cookies_file:
+        options["cookiefile"] = str(Path(settings.cookies_file).expanduser())
+    if settings.proxy:
+        options["proxy"] = settings.proxy
+    if settings.rate_limit:
+        options["ratelimit"] = parse_bytes(settings.rate_limit)
+    if settings.sleep_interval_seconds:
+        options["sleep_interval_requests"] = settings.sleep_interval_seconds
+        options["sleep_interval"] = settings.sleep_interval_seconds
+    if settings.max_filesize_mb:
+        options["max_filesize"] = int(settings.max_filesize_mb * 1024 * 1024)
+    options.update(settings.extra_options)
+    return options
+
+
+def _download_once(url: str, options: dict[str, Any], folder: Path) -> Path:
+    try:
+        with yt_dlp.YoutubeDL(options) as ydl:
+            info = ydl.extract_info(url, download=True)
+    except (DownloadError, ExtractorError) as exc:
+        raise classify(url, exc) from exc
+    except OSError as exc:
+        raise DownloadFailure(url, f"{type(exc).__name__}: {exc}", "transient") from exc
+    if info is None:
+        raise DownloadFailure(url, "yt-dlp returned nothing for this URL", "permanent")
+    if info.get("_type") == "playlist":
+        raise DownloadFailure(url, "URL is a playlist, not one video", "permanent")
+    paths = [Path(d["filepath"]) for d in info.get("requested_downloads") or [] if d.get("filepath")]
+    existing = [p for p in paths if p.is_file()]
+    if not existing:
+        limit = options.get("max_filesize")
+        if limit:
+            raise DownloadFailure(
+                url,
+                f"larger than download.max_filesize_mb ({limit / 1024 / 1024:g} MB); abandoned",
+                "permanent",
+            )
+        raise DownloadFailure(url, "yt-dlp finished but wrote no file", "transient")
+    if len(existing) > 1:
+        raise DownloadFailure(
+            url,
+            "format needs merging into one file; set download.format to a single-file format",
+            "permanent",
+        )
+    return existing[0]
+
+
+def _wait_seconds(settings: DownloadSettings) -> Callable[[tenacity.RetryCallState], float]:
+    def wait(state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        attempt = state.attempt_number
+        base = settings.backoff_initial_seconds
+        if isinstance(exc, DownloadFailure) and exc.kind == "rate_limited":
+            base = max(base, settings.rate_limited_backoff_seconds)
+        ceiling = max(settings.backoff_max_seconds, base)
+        delay = min(ceiling, base * 2 ** (attempt - 1))
+        # Full jitter keeps workers that failed together from retrying together.
+        return random.uniform(delay / 2, delay)
+
+    return wait
+
+
+def download(
+    url: str,
+    folder: Path,
+    settings: DownloadSettings,
+    output: OutputSettings,
+    on_retry: Callable[[DownloadFailure, int, float], None] | None = None,
+) -> Path:
+    """Download `url` into `folder` and return the file; raises DownloadFailure after the last attempt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    options = ytdlp_options(settings, output, folder)
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        delay = state.next_action.sleep if state.next_action else 0.0
+        if on_retry and isinstance(exc, DownloadFailure):
+            on_retry(exc, state.attempt_number, delay)
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(settings.attempts),
+        wait=_wait_seconds(settings),
+        retry=tenacity.retry_if_exception(lambda e: isinstance(e, DownloadFailure) and e.transient),
+        before_sleep=before_sleep,
+        sleep=time.sleep,
+        reraise=True,
+    )
+    return retrying(_download_once, url, options, folder)

@@ -1,0 +1,140 @@
+"""Writing one clip as a raw HEVC (Annex-B) stream, atomically: a `.part` file renamed when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Protocol
+
+import av
+import numpy as np
+from av.video.reformatter import ColorRange, Colorspace
+
+from daemon.config import EncodeSettings
+
+PART_SUFFIX = ".part"
+
+
+class EncodeError(Exception):
+    pass
+
+
+class ClipEncoder(Protocol):
+    """What the pipeline needs from an encoder backend (libx265 here; NVENC where there is one)."""
+
+    path: Path
+    frames_written: int
+
+    def write(self, frames: np.ndarray) -> None:
+        """Append (N, height, width, 3) uint8 RGB frames, or (N, height, width) for a luma-only matte."""
+
+    def finish(self, expected_frames: int) -> int:
+        """Flush, check the frame count, move the file to its final name; returns its size in bytes."""
+
+    def abort(self) -> None:
+        """Remove the unfinished file."""
+
+
+def x265_params(settings: EncodeSettings) -> str:
+    params = {
+        "crf": f"{settings.crf:g}",
+        # VBR with a ceiling: constant quality, but never above max_bitrate over the VBV buffer.
+        "vbv-maxrate": str(settings.max_bitrate_kbps),
+        "vbv-bufsize": str(settings.buffer_kbits),
+        "keyint": str(settings.gop),
+        "min-keyint": str(min(settings.gop, 25)),
+        "colorprim": "bt709",
+        "transfer": "bt709",
+        "colormatrix": "bt709",
+        "range": "limited",
+        "repeat-headers": "1",
+        "log-level": "error",
+        "info": "0",
+    }
+    if settings.threads:
+        params["pools"] = str(settings.threads)
+        params["frame-threads"] = str(min(settings.threads, 4))
+    return ":".join(f"{k}={v}" for k, v in params.items())
+
+
+class X265Encoder:
+    """libx265 through PyAV, on the CPU."""
+
+    def __init__(self, path: Path, width: int, height: int, fps: Fraction, settings: EncodeSettings) -> None:
+        self.path = path
+        self.part_path = path.with_name(path.name + PART_SUFFIX)
+        self.width = width
+        self.height = height
+        self.frames_written = 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._container = av.open(str(self.part_path), mode="w", format="hevc")
+        stream = self._container.add_stream("libx265", rate=fps)
+        stream.width = width
+        stream.height = height
+        stream.pix_fmt = "yuv420p"
+        stream.time_base = Fraction(1) / fps
+        context = stream.codec_context
+        context.colorspace = Colorspace.ITU709
+        context.color_range = ColorRange.MPEG
+        context.color_primaries = 1
+        context.color_trc = 1
+        stream.options = {"preset": settings.preset, "x265-params": x265_params(settings)}
+        self._stream = stream
+        self._time_base = Fraction(1) / fps
+
+    def write(self, frames: np.ndarray) -> None:
+        for image in frames:
+            if image.ndim == 2:
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="gray")
+            else:
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            frame = frame.reformat(
+                format="yuv420p",
+                dst_colorspace=Colorspace.ITU709,
+                dst_color_range=ColorRange.MPEG,
+            )
+            frame.pts = self.frames_written
+            frame.time_base = self._time_base
+            self._container.mux(self._stream.encode(frame))
+            self.frames_written += 1
+
+    def finish(self, expected_frames: int) -> int:
+        self._container.mux(self._stream.encode(None))
+        self._container.close()
+        if self.frames_written != expected_frames:
+            self.abort()
+            raise EncodeError(
+                f"{self.path.name}: {self.frames_written} frames encoded, {expected_frames} expected"
+            )
+        with open(self.part_path, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(self.part_path, self.path)
+        _fsync_dir(self.path.parent)
+        return self.path.stat().st_size
+
+    def abort(self) -> None:
+        # Closing a broken encoder must not hide the error that broke it.
+        with contextlib.suppress(Exception):
+            self._container.close()
+        self.part_path.unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_partial_files(root: Path) -> int:
+    """Delete `.part` files a killed run left behind; none of them is ever a finished clip."""
+    removed = 0
+    if not root.is_dir():
+        return 0
+    for part in root.glob(f"*/*{PART_SUFFIX}"):
+        part.unlink(missing_ok=True)
+        removed += 1
+    return removed

@@ -1,0 +1,231 @@
+"""The SQLite ledger: every URL's state and every clip written. Only the supervisor writes it."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS urls (
+    url TEXT PRIMARY KEY,
+    video_id TEXT NOT NULL,
+    list_path TEXT,
+    state TEXT NOT NULL DEFAULT 'pending'
+        CHECK (state IN ('pending', 'running', 'done', 'skipped', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    crashes INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    retryable INTEGER NOT NULL DEFAULT 0,
+    worker INTEGER,
+    stage TEXT,
+    added_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    download_seconds REAL,
+    process_seconds REAL
+);
+CREATE INDEX IF NOT EXISTS urls_state ON urls(state);
+CREATE TABLE IF NOT EXISTS clips (
+    video_id TEXT NOT NULL,
+    start_frame INTEGER NOT NULL,
+    end_frame INTEGER NOT NULL,
+    url TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('done', 'failed')),
+    path TEXT,
+    frames INTEGER,
+    bytes INTEGER,
+    error TEXT,
+    finished_at REAL NOT NULL,
+    PRIMARY KEY (video_id, start_frame, end_frame)
+);
+"""
+
+URL_STATES = ("pending", "running", "done", "skipped", "failed")
+
+
+@dataclass(frozen=True)
+class UrlRow:
+    url: str
+    video_id: str
+    state: str
+    attempts: int
+    crashes: int
+    error: str | None
+    retryable: bool
+
+
+@dataclass(frozen=True)
+class ClipRow:
+    video_id: str
+    start_frame: int
+    end_frame: int
+    state: str
+    path: str | None
+    frames: int | None
+    bytes: int | None
+    error: str | None
+
+
+class Ledger:
+    def __init__(self, path: Path, readonly: bool = False) -> None:
+        self.path = path
+        if readonly:
+            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # WAL with NORMAL loses at most the last commits on power loss, never consistency;
+            # a lost 'clip done' row only means that clip is made again.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+        self._db.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._db:
+            yield self._db
+
+    # --- URLs -------------------------------------------------------------------------------
+
+    def add_url(self, url: str, video_id: str, list_path: str | None) -> UrlRow:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO urls (url, video_id, list_path, added_at) VALUES (?, ?, ?, ?)",
+                (url, video_id, list_path, time.time()),
+            )
+        row = self.url(url)
+        assert row is not None
+        return row
+
+    def url(self, url: str) -> UrlRow | None:
+        row = self._db.execute("SELECT * FROM urls WHERE url = ?", (url,)).fetchone()
+        if row is None:
+            return None
+        return UrlRow(
+            url=row["url"],
+            video_id=row["video_id"],
+            state=row["state"],
+            attempts=row["attempts"],
+            crashes=row["crashes"],
+            error=row["error"],
+            retryable=bool(row["retryable"]),
+        )
+
+    def set_pending(self, url: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE urls SET state='pending', worker=NULL, stage=NULL WHERE url = ?",
+                (url,),
+            )
+
+    def mark_running(self, url: str, worker: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE urls SET state='running', worker=?, stage='queued', attempts=attempts+1,"
+                " started_at=?, error=NULL WHERE url = ?",
+                (worker, time.time(), url),
+            )
+
+    def set_stage(self, url: str, stage: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE urls SET stage=? WHERE url = ?", (stage, url))
+
+    def finish(
+        self,
+        url: str,
+        state: str,
+        error: str | None = None,
+        retryable: bool = False,
+        download_seconds: float | None = None,
+        process_seconds: float | None = None,
+    ) -> None:
+        assert state in ("done", "skipped", "failed")
+        with self._tx() as db:
+            db.execute(
+                "UPDATE urls SET state=?, error=?, retryable=?, worker=NULL, stage=NULL, finished_at=?,"
+                " download_seconds=COALESCE(?, download_seconds),"
+                " process_seconds=COALESCE(?, process_seconds) WHERE url = ?",
+                (state, error, int(retryable), time.time(), download_seconds, process_seconds, url),
+            )
+
+    def record_crash(self, url: str) -> int:
+        with self._tx() as db:
+            db.execute("UPDATE urls SET crashes=crashes+1 WHERE url = ?", (url,))
+        row = self.url(url)
+        return row.crashes if row else 0
+
+    def reset_crashes(self, url: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE urls SET crashes=0 WHERE url = ?", (url,))
+
+    def recover_interrupted(self) -> int:
+        """URLs left 'running' by a run that was killed go back to pending."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "UPDATE urls SET state='pending', worker=NULL, stage=NULL WHERE state='running'"
+            )
+        return cursor.rowcount
+
+    def counts(self, urls: Iterable[str] | None = None) -> dict[str, int]:
+        counts = dict.fromkeys(URL_STATES, 0)
+        if urls is None:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM urls GROUP BY state").fetchall()
+            for state, count in rows:
+                counts[state] = count
+        else:
+            for url in urls:
+                row = self.url(url)
+                if row:
+                    counts[row.state] += 1
+        return counts
+
+    def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        return list(self._db.execute(sql, params).fetchall())
+
+    # --- clips ------------------------------------------------------------------------------
+
+    def record_clip(
+        self,
+        video_id: str,
+        url: str,
+        start_frame: int,
+        end_frame: int,
+        state: str,
+        path: str | None = None,
+        frames: int | None = None,
+        size: int | None = None,
+        error: str | None = None,
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO clips (video_id, start_frame, end_frame, url, state, path, frames,"
+                " bytes, error, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (video_id, start_frame, end_frame, url, state, path, frames, size, error, time.time()),
+            )
+
+    def clips(self, video_id: str) -> list[ClipRow]:
+        rows = self._db.execute(
+            "SELECT * FROM clips WHERE video_id = ? ORDER BY start_frame, end_frame", (video_id,)
+        ).fetchall()
+        return [
+            ClipRow(
+                video_id=r["video_id"],
+                start_frame=r["start_frame"],
+                end_frame=r["end_frame"],
+                state=r["state"],
+                path=r["path"],
+                frames=r["frames"],
+                bytes=r["bytes"],
+                error=r["error"],
+            )
+            for r in rows
+        ]

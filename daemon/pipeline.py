@@ -1,0 +1,242 @@
+"""One source video in, one vstream per clip out: decode once, stages in memory, encode."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from loguru import logger
+
+from daemon.clips import Clip
+from daemon.config import Settings
+from daemon.encode import ClipEncoder, EncodeError, X265Encoder
+from daemon.source import SourceFrame, VideoSource
+from daemon.stages import FrameBatch, Stage
+from daemon.timing import ClipTimeline, FrameSchedule
+
+
+@dataclass(frozen=True)
+class ClipResult:
+    """What became of one clip; plain data, sent from worker to supervisor."""
+
+    start_frame: int
+    end_frame: int
+    path: str | None
+    frames: int
+    bytes: int
+    error: str | None = None
+
+
+class ProgressSink(Protocol):
+    def clip_finished(self, result: ClipResult) -> None: ...
+
+    def frames_written(self, count: int) -> None: ...
+
+
+EncoderFactory = Callable[[Path, int, int, Fraction], ClipEncoder]
+
+
+@dataclass
+class _ClipWork:
+    timeline: ClipTimeline
+    path: Path
+    encoder: ClipEncoder
+    pending: list[np.ndarray] = field(default_factory=list)
+    state: dict[str, Any] = field(default_factory=dict)
+    extra_encoders: dict[str, ClipEncoder] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VideoOutcome:
+    results: list[ClipResult]
+    interrupted: bool  # a stop request left clips unstarted; they stay pending
+
+
+class ClipCutter:
+    """Cuts every clip of one source in a single forward pass over its frames."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        stages: list[Stage],
+        device: torch.device,
+        encoder_factory: EncoderFactory | None = None,
+    ) -> None:
+        self.settings = settings
+        self.stages = stages
+        self.device = device
+        self.width = settings.output.width
+        self.height = settings.output.height
+        self.fps = settings.fps
+        self.batch_size = settings.decode.batch_size
+        self._encoder_factory = encoder_factory or self._x265
+        # Set by the matte stage's settings: write the matte as its own `.alpha.hevc` stream.
+        self.write_alpha = False
+        self._sink: ProgressSink | None = None
+
+    def _x265(self, path: Path, width: int, height: int, fps: Fraction) -> ClipEncoder:
+        return X265Encoder(path, width, height, fps, self.settings.encode)
+
+    def run(
+        self,
+        source_path: Path,
+        video_id: str,
+        clips: list[Clip],
+        output_dir: Path,
+        sink: ProgressSink,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> VideoOutcome:
+        schedule = FrameSchedule(clips, self.settings.clip_fps, self.fps)
+        self._sink = sink
+        work: dict[Clip, _ClipWork] = {}
+        results: list[ClipResult] = []
+        interrupted = False
+        threshold = Fraction(self.settings.decode.seek_threshold_seconds)
+
+        def report(result: ClipResult) -> None:
+            results.append(result)
+            sink.clip_finished(result)
+
+        try:
+            with VideoSource(source_path, threads=self.settings.decode.threads) as source:
+                first_start = schedule.next_start_seconds() or Fraction(0)
+                frames = source.frames(first_start if first_start > threshold else Fraction(0))
+                previous: SourceFrame | None = None
+                previous_first = True
+                last_end = Fraction(0)
+                while True:
+                    current = next(frames, None)
+                    if previous is not None:
+                        end = (
+                            current.seconds
+                            if current is not None
+                            else previous.seconds
+                            + (previous.duration_seconds or source.nominal_frame_seconds)
+                        )
+                        last_end = end
+                        self._show(
+                            previous, end, previous_first, schedule, work, video_id, output_dir, report
+                        )
+                        previous_first = False
+                    if current is None:
+                        break
+                    previous = current
+                    if schedule.active():
+                        continue
+                    if not interrupted and should_stop():
+                        interrupted = True
+                    upcoming = schedule.next_start_seconds()
+                    if upcoming is None or interrupted:
+                        break
+                    if upcoming - current.seconds > threshold:
+                        frames.close()
+                        frames = source.frames(upcoming)
+                        previous, previous_first = None, True
+                frames.close()
+        except BaseException:
+            for item in work.values():
+                item.encoder.abort()
+                for extra in item.extra_encoders.values():
+                    extra.abort()
+            raise
+
+        for timeline in schedule.unfinished():
+            unfinished = work.pop(timeline.clip, None)
+            if unfinished is not None:
+                unfinished.encoder.abort()
+                for extra in unfinished.extra_encoders.values():
+                    extra.abort()
+            if interrupted and not timeline.started:
+                continue
+            clip = timeline.clip
+            report(
+                ClipResult(
+                    clip.start_frame,
+                    clip.end_frame,
+                    None,
+                    0,
+                    0,
+                    error=(
+                        f"{video_id} clip {clip.start_frame} {clip.end_frame}: runs past the end of the "
+                        f"source (video ends at {float(last_end):.3f}s, clip needs "
+                        f"{float(timeline.end_seconds):.3f}s)"
+                    ),
+                )
+            )
+        return VideoOutcome(results=results, interrupted=interrupted)
+
+    def _show(
+        self,
+        source_frame: SourceFrame,
+        end: Fraction,
+        first: bool,
+        schedule: FrameSchedule,
+        work: dict[Clip, _ClipWork],
+        video_id: str,
+        output_dir: Path,
+        report: Callable[[ClipResult], None],
+    ) -> None:
+        shown = schedule.take(source_frame.seconds, end, first)
+        if not shown:
+            return
+        rgb = source_frame.to_rgb()  # converted once, however many clips and repeats show it
+        for timeline, count in shown:
+            item = work.get(timeline.clip)
+            if item is None:
+                path = output_dir / video_id / timeline.clip.file_name(video_id)
+                encoder = self._encoder_factory(path, self.width, self.height, self.fps)
+                item = work[timeline.clip] = _ClipWork(timeline, path, encoder)
+            for _ in range(count):
+                item.pending.append(rgb)
+                if len(item.pending) >= self.batch_size:
+                    self._flush(item)
+            if timeline.finished:
+                self._flush(item)
+                del work[timeline.clip]
+                report(self._finish(item, video_id))
+
+    def _flush(self, item: _ClipWork) -> None:
+        if not item.pending:
+            return
+        stacked = torch.from_numpy(np.stack(item.pending)).to(self.device, non_blocking=True)
+        item.pending.clear()
+        batch = FrameBatch(rgb=stacked.permute(0, 3, 1, 2).float().div_(255), state=item.state)
+        with torch.inference_mode():
+            for stage in self.stages:
+                batch = stage(batch)
+        if tuple(batch.rgb.shape[-2:]) != (self.height, self.width):
+            raise RuntimeError(
+                f"stages produced {tuple(batch.rgb.shape[-2:])}, not {self.height}x{self.width}"
+            )
+        item.encoder.write(to_uint8(batch.rgb).permute(0, 2, 3, 1).cpu().numpy())
+        if self._sink is not None:
+            self._sink.frames_written(batch.rgb.shape[0])
+        if batch.alpha is not None and self.write_alpha:
+            alpha_encoder = item.extra_encoders.get("alpha")
+            if alpha_encoder is None:
+                alpha_path = item.path.with_name(item.path.name.replace(".hevc", ".alpha.hevc"))
+                alpha_encoder = self._encoder_factory(alpha_path, self.width, self.height, self.fps)
+                item.extra_encoders["alpha"] = alpha_encoder
+            alpha_encoder.write(to_uint8(batch.alpha)[:, 0].cpu().numpy())
+
+    def _finish(self, item: _ClipWork, video_id: str) -> ClipResult:
+        clip = item.timeline.clip
+        expected = item.timeline.frame_count
+        try:
+            for extra in item.extra_encoders.values():
+                extra.finish(expected)
+            size = item.encoder.finish(expected)
+        except (EncodeError, OSError) as exc:
+            item.encoder.abort()
+            logger.error(f"{video_id} clip {clip.start_frame} {clip.end_frame}: {exc}")
+            return ClipResult(clip.start_frame, clip.end_frame, None, 0, 0, error=str(exc))
+        return ClipResult(clip.start_frame, clip.end_frame, str(item.path), expected, size)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return images.clamp(0, 1).mul(255).round_().to(torch.uint8)

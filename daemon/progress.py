@@ -1,0 +1,83 @@
+"""Progress for people: a live bar on a terminal, a periodic plain line when output is a file."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from typing import Any, TextIO
+
+from loguru import logger
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+class FrameRate:
+    """Frames per second over a sliding window."""
+
+    def __init__(self, window_seconds: float = 30.0) -> None:
+        self.window = window_seconds
+        self.samples: deque[tuple[float, int]] = deque()
+
+    def add(self, count: int) -> None:
+        self.samples.append((time.monotonic(), count))
+
+    def value(self) -> float:
+        now = time.monotonic()
+        while self.samples and now - self.samples[0][0] > self.window:
+            self.samples.popleft()
+        if not self.samples:
+            return 0.0
+        span = max(now - self.samples[0][0], 1.0)
+        return sum(count for _, count in self.samples) / span
+
+
+class ProgressView:
+    def __init__(self, total_urls: int, interval_seconds: float, stream: TextIO = sys.stderr) -> None:
+        self.total = total_urls
+        self.finished = 0
+        self.clips = 0
+        self.rate = FrameRate()
+        self.interval = interval_seconds
+        self._last_line = time.monotonic()
+        self.live = stream.isatty()
+        self._progress: Progress | None = None
+        if self.live:
+            self.console = Console(file=stream)
+            self._progress = Progress(
+                TextColumn("URLs"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("clips {task.fields[clips]}"),
+                TextColumn("{task.fields[fps]:.1f} frames/s"),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self._task = self._progress.add_task("urls", total=total_urls, clips=0, fps=0.0)
+            self._progress.start()
+
+    def on_event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "url" and data.get("state") in ("done", "skipped", "failed"):
+            self.finished += 1
+        elif kind == "clip" and not data.get("error"):
+            self.clips += 1
+        elif kind == "frames":
+            self.rate.add(int(data["count"]))
+        self.refresh()
+
+    def refresh(self) -> None:
+        if self._progress is not None:
+            self._progress.update(
+                self._task, completed=self.finished, clips=self.clips, fps=self.rate.value()
+            )
+        elif time.monotonic() - self._last_line >= self.interval:
+            self._last_line = time.monotonic()
+            logger.info(
+                f"progress: {self.finished}/{self.total} URLs, {self.clips} clips, "
+                f"{self.rate.value():.1f} frames/s"
+            )
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()

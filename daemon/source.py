@@ -1,0 +1,158 @@
+"""Reading a downloaded video: probe it, then decode forward from a time, seeking only to skip gaps."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import av.error
+import numpy as np
+from av.video.reformatter import ColorRange, Colorspace
+
+
+class SourceError(Exception):
+    """The source cannot be opened or decoded; the message says why."""
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    path: str
+    codec: str
+    width: int
+    height: int
+    average_fps: float | None
+    duration_seconds: float | None
+    frames: int | None
+
+
+@dataclass
+class SourceFrame:
+    """A decoded frame and the moment it appears on screen, in seconds from the stream's start."""
+
+    frame: av.VideoFrame
+    seconds: Fraction
+    duration_seconds: Fraction | None
+
+    def to_rgb(self) -> np.ndarray:
+        """(height, width, 3) uint8, full range, using the colour matrix the stream declares."""
+        frame = self.frame
+        colorspace = frame.colorspace
+        if colorspace in (Colorspace.DEFAULT, 2):  # unspecified: HD is BT.709, SD is BT.601
+            colorspace = Colorspace.ITU709 if frame.height >= 600 else Colorspace.ITU601
+        color_range = frame.color_range if frame.color_range in (1, 2) else ColorRange.MPEG
+        return frame.to_ndarray(
+            format="rgb24",
+            src_colorspace=colorspace,
+            src_color_range=color_range,
+            dst_color_range=ColorRange.JPEG,
+        )
+
+
+class VideoSource:
+    """One video stream of a media file, decoded forward."""
+
+    def __init__(self, path: Path, threads: int = 0) -> None:
+        self.path = path
+        try:
+            self._container = av.open(str(path), mode="r")
+        except (av.error.FFmpegError, OSError) as exc:
+            raise SourceError(f"{path.name}: cannot open as video: {exc}") from exc
+        if not self._container.streams.video:
+            self._container.close()
+            raise SourceError(f"{path.name}: has no video stream")
+        self.stream = self._container.streams.video[0]
+        self.stream.thread_type = "AUTO"
+        if threads:
+            self.stream.codec_context.thread_count = threads
+        if self.stream.time_base is None:
+            raise SourceError(f"{path.name}: video stream has no time base")
+        self.time_base = Fraction(self.stream.time_base)
+        start = self.stream.start_time
+        self._origin = start if start is not None else 0
+        rate = self.stream.average_rate or self.stream.guessed_rate
+        self._nominal_frame_seconds = Fraction(1) / Fraction(rate) if rate else Fraction(1, 30)
+
+    def __enter__(self) -> VideoSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._container.close()
+
+    @property
+    def info(self) -> SourceInfo:
+        stream = self.stream
+        duration = None
+        if stream.duration is not None:
+            duration = float(stream.duration * self.time_base)
+        elif self._container.duration is not None:
+            duration = self._container.duration / av.time_base
+        rate = stream.average_rate or stream.guessed_rate
+        return SourceInfo(
+            path=str(self.path),
+            codec=stream.codec_context.name,
+            width=stream.codec_context.width,
+            height=stream.codec_context.height,
+            average_fps=float(rate) if rate else None,
+            duration_seconds=duration,
+            frames=stream.frames or None,
+        )
+
+    def frames(self, from_seconds: Fraction = Fraction(0)) -> Generator[SourceFrame, None, None]:
+        """Frames in presentation order whose display interval reaches `from_seconds` or later.
+
+        Seeks to the keyframe at or before `from_seconds`; if the container's index put us past it,
+        falls back to decoding from the start so no frame on screen at `from_seconds` is missed.
+        """
+        if from_seconds > 0:
+            self._seek(from_seconds)
+            iterator = self._decode()
+            first = next(iterator, None)
+            if first is None or first.seconds <= from_seconds:
+                if first is not None:
+                    yield first
+                yield from iterator
+                return
+            iterator.close()
+        self._seek(Fraction(0))
+        yield from self._decode()
+
+    def _seek(self, seconds: Fraction) -> None:
+        target = int(seconds / self.time_base) + self._origin
+        try:
+            self._container.seek(target, backward=True, any_frame=False, stream=self.stream)
+        except av.error.FFmpegError as exc:
+            raise SourceError(f"{self.path.name}: cannot seek to {float(seconds):.3f}s: {exc}") from exc
+
+    def _decode(self) -> Generator[SourceFrame, None, None]:
+        last_pts: int | None = None
+        try:
+            for frame in self._container.decode(self.stream):
+                pts = frame.pts if frame.pts is not None else frame.dts
+                if pts is None:
+                    continue
+                if last_pts is not None and pts <= last_pts:
+                    continue  # duplicate or out-of-order timestamps: the first one wins
+                last_pts = pts
+                duration = Fraction(frame.duration) * self.time_base if frame.duration else None
+                yield SourceFrame(frame, Fraction(pts - self._origin) * self.time_base, duration)
+        except av.error.FFmpegError as exc:
+            raise SourceError(f"{self.path.name}: decoding failed: {exc}") from exc
+
+    @property
+    def nominal_frame_seconds(self) -> Fraction:
+        return self._nominal_frame_seconds
+
+
+def probe(path: Path) -> SourceInfo:
+    """Open the file and decode its first frame, so a truncated or non-video file fails here."""
+    with VideoSource(path) as source:
+        info = source.info
+        if next(source.frames(), None) is None:
+            raise SourceError(f"{path.name}: no decodable video frame")
+    return info

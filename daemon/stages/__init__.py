@@ -1,0 +1,40 @@
+"""Processing stages between decoder and encoder.
+
+Each stage is one small class with one call signature, `stage(batch) -> batch`, built from the
+settings once per worker. Anything a stage must remember from frame to frame (a recurrent model's
+state) lives in `batch.state`, a dict that belongs to one clip, so it starts empty at every clip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from daemon.config import Settings
+
+
+@dataclass
+class FrameBatch:
+    rgb: torch.Tensor  # (N, 3, H, W) float in [0, 1], on the worker's device
+    alpha: torch.Tensor | None = None  # (N, 1, H, W) float in [0, 1] once a matte stage ran
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage(Protocol):
+    name: str
+
+    def __call__(self, batch: FrameBatch) -> FrameBatch: ...
+
+
+def build_stages(settings: Settings, device: torch.device) -> list[Stage]:
+    from daemon.stages.resize import Resize
+
+    builders: dict[str, Any] = {"resize": Resize.from_settings}
+    stages: list[Stage] = []
+    for name in settings.stages:
+        if name not in builders:
+            raise NotImplementedError(f"stage {name!r} is not available in this build")
+        stages.append(builders[name](settings, device))
+    return stages

@@ -1,0 +1,497 @@
+"""The supervisor: owns the ledger, hands URLs to workers on request, replaces workers that die."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import multiprocess as mp
+from loguru import logger
+from multiprocess.connection import wait as wait_any
+
+from daemon.clips import Clip, clip_file_path, read_clip_file
+from daemon.config import Settings
+from daemon.encode import PART_SUFFIX, remove_partial_files
+from daemon.ledger import Ledger
+from daemon.urls import Source
+from daemon.worker import Task, WorkerPaths, worker_main
+
+LEDGER_NAME = "ledger.sqlite"
+LOCK_NAME = ".download_and_process.lock"
+CRASH_LIMIT = 2
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    clip_dir: Path
+    output_dir: Path
+    state_dir: Path
+    temp_root: Path
+    log_dir: Path
+
+    @classmethod
+    def from_settings(cls, settings: Settings, clip_dir: Path, output_dir: Path) -> RunPaths:
+        output_dir = output_dir.resolve()
+        state_dir = (
+            Path(settings.run.state_dir).expanduser().resolve() if settings.run.state_dir else output_dir
+        )
+        log_dir = (
+            Path(settings.run.log_dir).expanduser().resolve() if settings.run.log_dir else output_dir / "logs"
+        )
+        base = (
+            Path(settings.run.temp_dir).expanduser() if settings.run.temp_dir else Path(tempfile.gettempdir())
+        )
+        # One temp root per output folder, so two runs on different outputs never clean each other's.
+        tag = hashlib.sha1(str(output_dir).encode()).hexdigest()[:10]
+        return cls(
+            clip_dir=clip_dir.resolve(),
+            output_dir=output_dir,
+            state_dir=state_dir,
+            temp_root=base.resolve() / f"download_and_process-{tag}",
+            log_dir=log_dir,
+        )
+
+
+@dataclass
+class Totals:
+    """What this run did; the summary printed at the end."""
+
+    urls: dict[str, int] = field(default_factory=lambda: {"done": 0, "skipped": 0, "failed": 0})
+    clips_written: int = 0
+    clips_failed: int = 0
+    frames: int = 0
+    bytes: int = 0
+    started: float = field(default_factory=time.monotonic)
+    worker_restarts: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def line(self) -> str:
+        fps = self.frames / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"URLs done {self.urls['done']}, skipped {self.urls['skipped']}, failed {self.urls['failed']}; "
+            f"clips written {self.clips_written}, clip errors {self.clips_failed}; frames {self.frames}; "
+            f"{self.bytes / 1e6:.1f} MB; {self.seconds:.1f}s wall; {fps:.1f} frames/s"
+        )
+
+
+@dataclass
+class _WorkerHandle:
+    index: int
+    process: Any
+    conn: Any
+    task: Task | None = None
+    idle: bool = False
+    stage: str = "starting"
+    stop_sent: bool = False
+
+
+class Supervisor:
+    """Single writer of the ledger. Feed it sources with `submit`, then drive it with `step`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        paths: RunPaths,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.paths = paths
+        self.on_event = on_event or (lambda kind, data: None)
+        self.totals = Totals()
+        self.queue: deque[Task] = deque()
+        self.workers: dict[int, _WorkerHandle] = {}
+        self.draining = False
+        self.urgent = False
+        self._drain_deadline: float | None = None
+        self._lock_handle: Any = None
+        self._started_at = time.monotonic()
+        self._ctx = mp.get_context("spawn")
+        self.ledger: Ledger | None = None
+        # URL -> its final state for this run, so the summary counts each URL once.
+        self.outcomes: dict[str, str] = {}
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def open(self) -> None:
+        self.paths.output_dir.mkdir(parents=True, exist_ok=True)
+        self.paths.state_dir.mkdir(parents=True, exist_ok=True)
+        lock_path = self.paths.state_dir / LOCK_NAME
+        self._lock_handle = lock_path.open("a+")
+        try:
+            fcntl.flock(self._lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            self._lock_handle.close()
+            raise AlreadyRunning(
+                f"another run is already using {self.paths.state_dir} (lock {lock_path})"
+            ) from exc
+        self.ledger = Ledger(self.paths.state_dir / LEDGER_NAME)
+        recovered = self.ledger.recover_interrupted()
+        if recovered:
+            logger.info(f"{recovered} URL(s) interrupted by an earlier run are pending again")
+        removed = remove_partial_files(self.paths.output_dir)
+        if removed:
+            logger.info(f"removed {removed} unfinished .part file(s) left by an earlier run")
+        shutil.rmtree(self.paths.temp_root, ignore_errors=True)
+        self.paths.temp_root.mkdir(parents=True, exist_ok=True)
+
+    def close(self) -> None:
+        self._stop_all_workers(force=True)
+        shutil.rmtree(self.paths.temp_root, ignore_errors=True)
+        if self.ledger is not None:
+            self.ledger.close()
+        if self._lock_handle is not None:
+            self._lock_handle.close()
+
+    # --- planning -----------------------------------------------------------------------------
+
+    def submit(self, source: Source) -> str:
+        """Record a source and queue what is missing of it; returns 'queued' or its final state."""
+        assert self.ledger is not None
+        row = self.ledger.add_url(source.url, source.video_id, source.list_path)
+        if row.state == "running" or any(t.url == source.url for t in self.queue):
+            return "queued"
+        if row.state == "failed" and not row.retryable and not self.settings.run.retry_failed:
+            logger.warning(f"{source.url}: failed earlier, not retried ({row.error}); use --retry-failed")
+            return self._conclude(source.url, "failed", row.error, retryable=False, update=False)
+        clip_path = clip_file_path(self.paths.clip_dir, source.video_id)
+        try:
+            clip_file = read_clip_file(clip_path)
+        except FileNotFoundError:
+            return self._conclude(source.url, "skipped", f"no clip file {clip_path}")
+        except (OSError, UnicodeDecodeError) as exc:
+            return self._conclude(source.url, "failed", f"cannot read clip file {clip_path}: {exc}")
+        for problem in clip_file.problems:
+            logger.warning(problem)
+            self.on_event("problem", {"message": problem})
+        if not clip_file.clips:
+            return self._conclude(source.url, "skipped", f"clip file {clip_path} has no valid clip line")
+        finished = self._finished_clips(source.video_id)
+        missing = [clip for clip in clip_file.clips if clip not in finished]
+        if not missing:
+            return self._conclude(source.url, "done", None)
+        if finished:
+            logger.info(f"{source.video_id}: {len(finished)} clip(s) already made, {len(missing)} to make")
+        if row.state == "failed":
+            self.ledger.reset_crashes(source.url)
+        self.ledger.set_pending(source.url)
+        self.queue.append(
+            Task(
+                url=source.url,
+                video_id=source.video_id,
+                clips=[(c.start_frame, c.end_frame) for c in missing],
+                local=source.is_local,
+            )
+        )
+        self.on_event("queued", {"url": source.url})
+        return "queued"
+
+    def _finished_clips(self, video_id: str) -> set[Clip]:
+        """Clips already made (and still on disk) or known to be impossible for this source."""
+        assert self.ledger is not None
+        finished: set[Clip] = set()
+        for row in self.ledger.clips(video_id):
+            if row.state == "failed" or (row.path and Path(row.path).is_file()):
+                finished.add(Clip(row.start_frame, row.end_frame))
+        return finished
+
+    def _conclude(
+        self,
+        url: str,
+        state: str,
+        error: str | None,
+        retryable: bool = False,
+        update: bool = True,
+        download_seconds: float | None = None,
+        process_seconds: float | None = None,
+    ) -> str:
+        assert self.ledger is not None
+        if update:
+            self.ledger.finish(
+                url,
+                state,
+                error=error,
+                retryable=retryable,
+                download_seconds=download_seconds,
+                process_seconds=process_seconds,
+            )
+        if state == "skipped" and error:
+            logger.warning(f"{url}: skipped: {error}")
+        self.outcomes[url] = state
+        self.totals.urls[state] += 1
+        self.on_event("url", {"url": url, "state": state, "error": error})
+        return state
+
+    # --- workers ------------------------------------------------------------------------------
+
+    def _worker_paths(self, index: int) -> WorkerPaths:
+        return WorkerPaths(
+            output_dir=str(self.paths.output_dir),
+            temp_dir=str(self.paths.temp_root / f"worker-{index}"),
+            log_dir=str(self.paths.log_dir),
+        )
+
+    def _start_worker(self, index: int) -> None:
+        parent, child = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(
+            target=worker_main,
+            args=(index, child, self.settings, self._worker_paths(index)),
+            name=f"download_and_process-worker-{index}",
+            daemon=False,
+        )
+        process.start()
+        child.close()
+        self.workers[index] = _WorkerHandle(index=index, process=process, conn=parent)
+        logger.info(f"started worker {index} (pid {process.pid})")
+
+    def _start_due_workers(self) -> None:
+        if self.draining:
+            return
+        elapsed = time.monotonic() - self._started_at
+        for index in range(self.settings.run.workers):
+            if index in self.workers:
+                continue
+            # Staggered starts keep workers from hitting the same site at the same moment.
+            if elapsed >= index * self.settings.run.start_delay and (self.queue or index == 0):
+                self._start_worker(index)
+
+    def _assign(self, handle: _WorkerHandle) -> None:
+        assert self.ledger is not None
+        if self.draining:
+            self._send_stop(handle)
+            return
+        if not self.queue:
+            handle.idle = True
+            return
+        task = self.queue.popleft()
+        handle.task, handle.idle, handle.stage = task, False, "queued"
+        self.ledger.mark_running(task.url, handle.index)
+        handle.conn.send({"type": "task", "task": asdict(task)})
+
+    def _send_stop(self, handle: _WorkerHandle) -> None:
+        if handle.stop_sent:
+            return
+        handle.stop_sent = True
+        with contextlib.suppress(BrokenPipeError, OSError):
+            handle.conn.send({"type": "stop"})
+
+    def _handle_message(self, handle: _WorkerHandle, message: dict[str, Any]) -> None:
+        assert self.ledger is not None
+        kind = message["type"]
+        if kind == "ready":
+            handle.task = None
+            self._assign(handle)
+        elif kind == "stage":
+            handle.stage = message["stage"]
+            self.ledger.set_stage(message["url"], message["stage"])
+            self.on_event("stage", {"worker": handle.index, "url": message["url"], "stage": message["stage"]})
+        elif kind == "frames":
+            self.totals.frames += message["count"]
+            self.on_event("frames", {"count": message["count"]})
+        elif kind == "clip":
+            task = handle.task
+            video_id = task.video_id if task else "?"
+            state = "failed" if message["error"] else "done"
+            self.ledger.record_clip(
+                video_id,
+                message["url"],
+                message["start_frame"],
+                message["end_frame"],
+                state,
+                path=message["path"],
+                frames=message["frames"],
+                size=message["bytes"],
+                error=message["error"],
+            )
+            if state == "done":
+                self.totals.clips_written += 1
+                self.totals.bytes += message["bytes"]
+            else:
+                self.totals.clips_failed += 1
+                logger.warning(message["error"])
+            self.on_event("clip", message)
+        elif kind == "result":
+            self._finish_task(handle, message)
+
+    def _finish_task(self, handle: _WorkerHandle, message: dict[str, Any]) -> None:
+        assert self.ledger is not None
+        url = message["url"]
+        handle.task = None
+        state = message["state"]
+        if state == "interrupted":
+            self.ledger.set_pending(url)
+            logger.info(f"{url}: stopped early; its remaining clips stay pending")
+            self.on_event("url", {"url": url, "state": "pending", "error": None})
+            return
+        if state == "failed":
+            logger.error(f"{url}: failed: {message['error']}")
+        self._conclude(
+            url,
+            state,
+            message.get("error"),
+            retryable=bool(message.get("retryable")),
+            download_seconds=message.get("download_seconds"),
+            process_seconds=message.get("process_seconds"),
+        )
+
+    def _handle_death(self, handle: _WorkerHandle) -> None:
+        assert self.ledger is not None
+        code = handle.process.exitcode
+        del self.workers[handle.index]
+        handle.conn.close()
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        shutil.rmtree(self.paths.temp_root / f"worker-{handle.index}", ignore_errors=True)
+        task = handle.task
+        if task is not None:
+            for part in (self.paths.output_dir / task.video_id).glob(f"*{PART_SUFFIX}"):
+                part.unlink(missing_ok=True)
+            crashes = self.ledger.record_crash(task.url)
+            if crashes >= CRASH_LIMIT:
+                self._conclude(
+                    task.url,
+                    "failed",
+                    f"worker died {crashes} times while processing this URL (last: {how})",
+                    retryable=False,
+                )
+            elif self.urgent:
+                self.ledger.set_pending(task.url)
+            else:
+                logger.warning(
+                    f"worker {handle.index} died ({how}) on {task.url}; the URL goes back in the queue"
+                )
+                self.ledger.set_pending(task.url)
+                self.queue.appendleft(task)
+        elif not handle.stop_sent:
+            logger.warning(f"worker {handle.index} died ({how}) while idle")
+        if not self.draining and not handle.stop_sent:
+            self.totals.worker_restarts += 1
+            self.on_event("restart", {"worker": handle.index})
+            self._start_worker(handle.index)
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def step(self, timeout: float = 0.5) -> None:
+        """Start due workers, then handle whatever the workers said within `timeout` seconds."""
+        self._start_due_workers()
+        if self.draining:
+            for handle in self.workers.values():
+                self._send_stop(handle)
+            if (
+                not self.urgent
+                and self._drain_deadline is not None
+                and time.monotonic() > self._drain_deadline
+            ):
+                logger.warning("grace period over: stopping workers now")
+                self.urgent = True
+            if self.urgent:
+                self._stop_all_workers(force=True)
+                return
+        for handle in list(self.workers.values()):
+            if handle.idle and self.queue and not self.draining:
+                self._assign(handle)
+        if not self.workers:
+            time.sleep(min(timeout, 0.1))
+            return
+        waitables: dict[Any, tuple[str, _WorkerHandle]] = {}
+        for handle in self.workers.values():
+            waitables[handle.conn] = ("conn", handle)
+            waitables[handle.process.sentinel] = ("dead", handle)
+        ready = wait_any(list(waitables), timeout=timeout)
+        dead: list[_WorkerHandle] = []
+        for item in ready:
+            what, handle = waitables[item]
+            if what == "dead":
+                dead.append(handle)
+                continue
+            self._drain_conn(handle)
+        for handle in dead:
+            self._drain_conn(handle)  # a result sent just before exiting still counts
+            handle.process.join(timeout=5)
+            self._handle_death(handle)
+
+    def _drain_conn(self, handle: _WorkerHandle) -> None:
+        try:
+            while handle.conn.poll():
+                self._handle_message(handle, handle.conn.recv())
+        except (EOFError, OSError):
+            pass
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue) or any(h.task is not None for h in self.workers.values())
+
+    def request_stop(self, urgent: bool = False) -> None:
+        """First call: finish in-flight clips within the grace period. Second: stop now.
+
+        Only sets flags (it runs inside signal handlers); `step` acts on them.
+        """
+        if urgent or self.draining:
+            self.urgent = True
+            self.draining = True
+            return
+        self.draining = True
+        self._drain_deadline = time.monotonic() + self.settings.run.grace_seconds
+        logger.info(
+            f"stopping: no new URLs; in-flight clips get up to {self.settings.run.grace_seconds:g}s to finish"
+        )
+
+    def run_until_idle(self, should_continue: Callable[[], bool] = lambda: True) -> None:
+        while should_continue() and (self.busy or (self.draining and self.workers)):
+            if self.draining and not self.workers:
+                break
+            self.step()
+        self._stop_all_workers(force=False)
+
+    def _stop_all_workers(self, force: bool) -> None:
+        for handle in list(self.workers.values()):
+            if force and handle.process.is_alive():
+                handle.process.terminate()
+            else:
+                self._send_stop(handle)
+        deadline = time.monotonic() + (10 if not force else 5)
+        for handle in list(self.workers.values()):
+            handle.process.join(timeout=max(0.1, deadline - time.monotonic()))
+            if handle.process.is_alive():
+                handle.process.kill()
+                handle.process.join(timeout=5)
+            self._drain_conn(handle)
+            if handle.task is not None and self.ledger is not None:
+                self.ledger.set_pending(handle.task.url)
+            handle.conn.close()
+            shutil.rmtree(self.paths.temp_root / f"worker-{handle.index}", ignore_errors=True)
+        self.workers.clear()
+
+
+def install_signal_handlers(supervisor: Supervisor) -> None:
+    def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if supervisor.draining:
+            logger.warning(f"{name} again: stopping at once")
+            supervisor.request_stop(urgent=True)
+        else:
+            logger.warning(f"{name}: finishing in-flight clips, then stopping (send again to stop at once)")
+            supervisor.request_stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -1,0 +1,198 @@
+"""A worker process: ask for a URL, download it, cut its clips, delete the source, ask again.
+
+Workers talk to the supervisor over their own pipe, in plain dicts; they never touch the ledger.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from daemon import logs
+from daemon.clips import Clip
+from daemon.config import Settings
+from daemon.download import DownloadFailure, download
+from daemon.pipeline import ClipCutter, ClipResult
+from daemon.source import SourceError, probe
+
+
+@dataclass(frozen=True)
+class Task:
+    url: str
+    video_id: str
+    clips: list[tuple[int, int]]
+    local: bool
+
+
+@dataclass(frozen=True)
+class WorkerPaths:
+    output_dir: str
+    temp_dir: str  # this worker's own folder, emptied after every URL
+    log_dir: str
+
+
+class _Reporter:
+    """Sends clip results and frame counts to the supervisor as they happen."""
+
+    def __init__(self, conn: Any, url: str) -> None:
+        self.conn = conn
+        self.url = url
+        self._frames = 0
+        self._last_sent = time.monotonic()
+
+    def clip_finished(self, result: ClipResult) -> None:
+        self.conn.send({"type": "clip", "url": self.url, **asdict(result)})
+        if result.error:
+            logger.warning(result.error)
+        else:
+            logger.info(
+                f"wrote {Path(result.path or '').name} ({result.frames} frames, {result.bytes} bytes)"
+            )
+
+    def frames_written(self, count: int) -> None:
+        self._frames += count
+        now = time.monotonic()
+        if now - self._last_sent >= 0.5:
+            self.flush()
+            self._last_sent = now
+
+    def flush(self) -> None:
+        if self._frames:
+            self.conn.send({"type": "frames", "count": self._frames})
+            self._frames = 0
+
+
+class Worker:
+    def __init__(self, index: int, conn: Any, settings: Settings, paths: WorkerPaths) -> None:
+        self.index = index
+        self.conn = conn
+        self.settings = settings
+        self.output_dir = Path(paths.output_dir)
+        self.temp_dir = Path(paths.temp_dir)
+        self.stop_requested = False
+        import torch
+
+        from daemon.stages import build_stages
+
+        self.device = torch.device("cpu")
+        self.cutter = ClipCutter(settings, build_stages(settings, self.device), self.device)
+
+    def serve(self) -> None:
+        logger.info(f"worker {self.index} ready (pid {os.getpid()}, device {self.device})")
+        while not self.stop_requested:
+            self.conn.send({"type": "ready"})
+            message = self.conn.recv()
+            if message["type"] == "stop":
+                break
+            task = Task(**message["task"])
+            with logger.contextualize(video_id=task.video_id):
+                self.handle(task)
+
+    def _should_stop(self) -> bool:
+        while not self.stop_requested and self.conn.poll():
+            if self.conn.recv().get("type") == "stop":
+                self.stop_requested = True
+                logger.info("stop requested: finishing the clips in progress")
+        return self.stop_requested
+
+    def _stage(self, url: str, stage: str) -> None:
+        self.conn.send({"type": "stage", "url": url, "stage": stage})
+
+    def handle(self, task: Task) -> None:
+        started = time.monotonic()
+        download_seconds = 0.0
+        result: dict[str, Any] = {"type": "result", "url": task.url}
+        try:
+            with logger.contextualize(stage="download"):
+                self._stage(task.url, "download")
+                if task.local:
+                    source = Path(task.url)
+                    logger.info(f"processing local file {source} in place")
+                else:
+                    logger.info(f"downloading {task.url}")
+                    source = download(
+                        task.url, self.temp_dir, self.settings.download, self.settings.output, self._on_retry
+                    )
+                    download_seconds = time.monotonic() - started
+                    logger.info(
+                        f"downloaded {source.name} ({source.stat().st_size} bytes) in {download_seconds:.1f}s"
+                    )
+                info = probe(source)
+                logger.info(
+                    f"source {info.codec} {info.width}x{info.height} "
+                    f"{info.average_fps or 0:.3f} fps, {info.duration_seconds or 0:.1f}s"
+                )
+            with logger.contextualize(stage="process"):
+                self._stage(task.url, "process")
+                process_started = time.monotonic()
+                reporter = _Reporter(self.conn, task.url)
+                clips = [Clip(start, end) for start, end in task.clips]
+                outcome = self.cutter.run(
+                    source, task.video_id, clips, self.output_dir, reporter, self._should_stop
+                )
+                reporter.flush()
+                result["process_seconds"] = time.monotonic() - process_started
+            result["download_seconds"] = download_seconds
+            result["state"] = "interrupted" if outcome.interrupted else "done"
+        except DownloadFailure as exc:
+            logger.error(f"{task.url}: download failed ({exc.kind}): {exc.reason}")
+            result.update(state="failed", error=f"download: {exc.reason}", retryable=exc.transient)
+        except SourceError as exc:
+            logger.error(f"{task.url}: {exc}")
+            result.update(state="failed", error=f"source: {exc}", retryable=False)
+        except Exception as exc:  # noqa: BLE001 - one bad video must not end the worker
+            logger.error(f"{task.url}: unexpected {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+            result.update(state="failed", error=f"internal: {type(exc).__name__}: {exc}", retryable=True)
+        finally:
+            self._clear_temp()
+        self.conn.send(result)
+
+    def _on_retry(self, failure: DownloadFailure, attempt: int, delay: float) -> None:
+        logger.warning(
+            f"attempt {attempt} failed ({failure.kind}): {failure.reason}; retrying in {delay:.1f}s"
+        )
+
+    def _clear_temp(self) -> None:
+        """The source goes before the next URL is taken: disk use stays at one source per worker."""
+        if self.temp_dir.exists():
+            for entry in self.temp_dir.iterdir():
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def worker_main(index: int, conn: Any, settings: Settings, paths: WorkerPaths) -> None:
+    """Entry point of a worker process (spawned, so nothing CUDA-related is inherited)."""
+    # Ctrl-C reaches the whole process group; the supervisor decides how workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _terminate)
+    logs.configure(
+        f"worker-{index}",
+        logs.worker_log_path(Path(paths.log_dir), index),
+        settings.run.log_level,
+        json_lines=settings.run.log_json,
+        rotation=settings.run.log_rotation,
+        retention=settings.run.log_retention,
+    )
+    temp = Path(paths.temp_dir)
+    temp.mkdir(parents=True, exist_ok=True)
+    try:
+        Worker(index, conn, settings, paths).serve()
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        logger.warning("supervisor went away; stopping")
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+        logger.info(f"worker {index} stopped")

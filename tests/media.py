@@ -1,0 +1,80 @@
+"""Test videos that carry their own frame index in the picture, and a reader for it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+BITS = 10  # horizontal bands, most significant on top: up to 1024 distinct frames
+
+
+def index_image(index: int, width: int, height: int) -> np.ndarray:
+    """An RGB frame whose horizontal bands spell `index` in binary (white = 1)."""
+    image = np.zeros((height, width, 3), np.uint8)
+    for bit in range(BITS):
+        if index >> (BITS - 1 - bit) & 1:
+            image[round(bit * height / BITS) : round((bit + 1) * height / BITS)] = 255
+    return image
+
+
+def read_index(gray: np.ndarray) -> int:
+    """Inverse of index_image on a decoded luma plane of any size."""
+    height = gray.shape[0]
+    band = height / BITS
+    value = 0
+    for bit in range(BITS):
+        rows = gray[int(bit * band + band * 0.3) : int(bit * band + band * 0.7)]
+        value = value << 1 | int(rows.mean() > 128)
+    return value
+
+
+def make_video(
+    path: Path,
+    fps: float = 30,
+    frames: int = 60,
+    width: int = 128,
+    height: int = 80,
+    codec: str = "libx264",
+    timestamps: Sequence[float] | None = None,
+) -> Path:
+    """Write a video whose frame i shows index i; `timestamps` (seconds) makes it variable-rate."""
+    container_format = {"libx264": "mp4", "libvpx-vp9": "webm"}[codec]
+    with av.open(str(path), "w", format=container_format) as container:
+        rate = Fraction(fps).limit_denominator(1001)
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"preset": "ultrafast", "crf": "18", "g": "30"}
+        else:
+            stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": "20", "b": "0", "g": "30"}
+        time_base = Fraction(1, 1000) if timestamps is not None else 1 / rate
+        stream.time_base = time_base
+        stream.codec_context.time_base = time_base
+        count = len(timestamps) if timestamps is not None else frames
+        for i in range(count):
+            frame = av.VideoFrame.from_ndarray(index_image(i, width, height), format="rgb24")
+            if timestamps is not None:
+                frame.pts = round(timestamps[i] * 1000)
+            else:
+                frame.pts = i
+            frame.time_base = time_base
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+def decoded_indices(path: Path) -> list[int]:
+    """The frame index shown by each frame of an encoded file (raw .hevc or any container)."""
+    with av.open(str(path)) as container:
+        return [read_index(frame.to_ndarray(format="gray")) for frame in container.decode(video=0)]
+
+
+def stream_info(path: Path) -> tuple[str, int, int, int]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        count = sum(1 for _ in container.decode(video=0))
+        return stream.codec_context.name, stream.codec_context.width, stream.codec_context.height, count
