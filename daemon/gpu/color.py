@@ -1,0 +1,68 @@
+"""NV12 <-> RGB in plain torch ops, so the conversion runs wherever the tensors live (GPU or CPU).
+
+NV12 here is one (height * 3 / 2, width) uint8 plane: the luma rows, then the interleaved U/V rows at
+half resolution. Colours are BT.709 with limited ("MPEG", 16-235) range, as the encoders signal it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# BT.709 luma weights; the chroma scales follow from them (Cb = (B - Y) / 1.8556, Cr = (R - Y) / 1.5748).
+KR, KB = 0.2126, 0.0722
+KG = 1.0 - KR - KB
+Y_OFFSET, Y_SCALE = 16.0, 219.0
+C_OFFSET, C_SCALE = 128.0, 224.0
+
+
+def nv12_planes(nv12: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split (..., H*3/2, W) NV12 into luma (..., H, W) and chroma (..., 2, H/2, W/2)."""
+    rows, width = nv12.shape[-2:]
+    if rows % 3 or width % 2:
+        raise ValueError(f"NV12 plane of {rows}x{width} is not (height * 3 / 2) x even width")
+    height = rows * 2 // 3
+    luma = nv12[..., :height, :]
+    chroma = nv12[..., height:, :].reshape(*nv12.shape[:-2], height // 2, width // 2, 2)
+    return luma, chroma.movedim(-1, -3)
+
+
+def nv12_to_rgb(nv12: torch.Tensor) -> torch.Tensor:
+    """(..., H*3/2, W) uint8 NV12 -> (..., H, W, 3) uint8 full-range RGB."""
+    luma, chroma = nv12_planes(nv12)
+    y = (luma.float() - Y_OFFSET) / Y_SCALE
+    uv = (chroma.float() - C_OFFSET) / C_SCALE
+    # Chroma sits between luma rows; bilinear upsampling keeps edges from stair-stepping.
+    flat = uv.reshape(-1, 2, *uv.shape[-2:])
+    uv = F.interpolate(flat, scale_factor=2, mode="bilinear", align_corners=False)
+    uv = uv.reshape(*chroma.shape[:-2], *luma.shape[-2:])
+    u, v = uv[..., 0, :, :], uv[..., 1, :, :]
+    r = y + 2 * (1 - KR) * v
+    b = y + 2 * (1 - KB) * u
+    g = (y - KR * r - KB * b) / KG
+    rgb = torch.stack((r, g, b), dim=-1)
+    return rgb.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def rgb_to_nv12(rgb: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, 3) uint8 RGB, or (N, H, W) uint8 luma-only frames -> (N, H*3/2, W) uint8 NV12."""
+    count, height, width = rgb.shape[:3]
+    if height % 2 or width % 2:
+        raise ValueError(f"{width}x{height}: 4:2:0 needs an even width and height")
+    if rgb.ndim == 3:
+        # A matte is stored as grey: its value becomes luma, chroma stays neutral.
+        y = rgb.float() / 255
+        u = v = torch.zeros((count, height // 2, width // 2), device=rgb.device)
+    else:
+        values = rgb.float().div_(255)
+        r, g, b = values[..., 0], values[..., 1], values[..., 2]
+        y = KR * r + KG * g + KB * b
+        cb = (b - y) / (2 * (1 - KB))
+        cr = (r - y) / (2 * (1 - KR))
+        # Each chroma sample is the mean of its 2x2 luma block.
+        u = F.avg_pool2d(cb.unsqueeze(1), 2).squeeze(1)
+        v = F.avg_pool2d(cr.unsqueeze(1), 2).squeeze(1)
+    luma = (y * Y_SCALE + Y_OFFSET).round_().clamp_(0, 255).to(torch.uint8)
+    chroma = torch.stack((u, v), dim=-1).mul_(C_SCALE).add_(C_OFFSET).round_().clamp_(0, 255)
+    chroma = chroma.to(torch.uint8).reshape(count, height // 2, width)
+    return torch.cat((luma, chroma), dim=1)
