@@ -1,0 +1,112 @@
+"""GPU slots: at most `max_gpu_jobs` processes use one device at a time, across every worker and run.
+
+A slot is an exclusive `flock` on its own file, `<slot dir>/gpu-<device>-slot-<k>.lock`. The kernel
+drops the lock when the holding process ends for any reason, SIGKILL included, so a dead worker never
+keeps a slot; there is no counter that could leak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from loguru import logger
+
+
+def free_memory_mb(device_id: int) -> float | None:
+    """Free memory on the device as NVML reports it (all processes counted), or None without NVML."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(device_id)
+            return float(pynvml.nvmlDeviceGetMemoryInfo(handle).free) / 2**20
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no library, no driver, no device: the check is skipped
+        return None
+
+
+class GpuSlots:
+    """Hands out one of `count` slots of a device; `hold()` waits, with backoff, until one is free."""
+
+    def __init__(
+        self,
+        slot_dir: Path,
+        device_id: int,
+        count: int,
+        wait_initial_seconds: float = 1.0,
+        wait_max_seconds: float = 30.0,
+        min_free_memory_mb: float = 0.0,
+        free_memory: Callable[[int], float | None] = free_memory_mb,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.slot_dir = slot_dir
+        self.device_id = device_id
+        self.count = count
+        self.wait_initial_seconds = wait_initial_seconds
+        self.wait_max_seconds = wait_max_seconds
+        self.min_free_memory_mb = min_free_memory_mb
+        self._free_memory = free_memory
+        self._sleep = sleep
+        slot_dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, index: int) -> Path:
+        return self.slot_dir / f"gpu-{self.device_id}-slot-{index}.lock"
+
+    def try_take(self) -> tuple[int, int] | None:
+        """(slot index, open fd holding its lock), or None when every slot is held."""
+        for index in range(self.count):
+            fd = os.open(self.path(index), os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            # Only for people looking at the files: who holds it. The lock is what counts.
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return index, fd
+        return None
+
+    def _memory_short(self) -> str:
+        if self.min_free_memory_mb <= 0:
+            return ""
+        free = self._free_memory(self.device_id)
+        if free is None or free >= self.min_free_memory_mb:
+            return ""
+        return f"{free:.0f} MiB free, {self.min_free_memory_mb:.0f} MiB wanted"
+
+    @contextlib.contextmanager
+    def hold(self, what: str = "GPU work") -> Iterator[int]:
+        """Hold a slot for the body of the `with`; yields its index. Waits while none is free."""
+        started = time.monotonic()
+        delay = self.wait_initial_seconds
+        waits = 0
+        while True:
+            short = self._memory_short()
+            taken = None if short else self.try_take()
+            if taken is not None:
+                break
+            why = short or f"all {self.count} slot(s) of GPU {self.device_id} are busy"
+            if waits == 0:
+                logger.info(f"waiting for a GPU slot for {what}: {why}")
+            waits += 1
+            self._sleep(delay)
+            delay = min(max(delay * 2, 0.01), self.wait_max_seconds)
+        index, fd = taken
+        waited = time.monotonic() - started
+        if waits:
+            logger.info(f"got GPU {self.device_id} slot {index} for {what} after waiting {waited:.1f}s")
+        else:
+            logger.debug(f"got GPU {self.device_id} slot {index} for {what}")
+        try:
+            yield index
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
