@@ -116,6 +116,16 @@ class DecodeSettings(_Section):
 StageName = Literal["resize", "upscale", "matte", "composite"]
 
 
+class GpuSettings(_Section):
+    """GPU slots: only decoding, the stages and encoding on a GPU take one; downloads never do."""
+
+    max_gpu_jobs: int = Field(2, ge=1, le=64)  # slots per device, shared by every worker and run
+    slot_wait_initial_seconds: float = Field(1.0, gt=0)  # first wait for a slot, doubled each time
+    slot_wait_max_seconds: float = Field(30.0, gt=0)
+    min_free_memory_mb: int = Field(1024, ge=0)  # a slot is only taken with this much free (NVML); 0 = off
+    slot_dir: str = ""  # where the slot lock files live; default: <system temp>/download_and_process-gpu
+    probe_timeout_seconds: float = Field(60.0, gt=0)
+
 class Settings(_Section):
     run: RunSettings = RunSettings()
     clips: ClipSettings = ClipSettings()
@@ -123,6 +133,7 @@ class Settings(_Section):
     encode: EncodeSettings = EncodeSettings()
     download: DownloadSettings = DownloadSettings()
     decode: DecodeSettings = DecodeSettings()
+    gpu: GpuSettings = GpuSettings()
     stages: list[StageName] = Field(default_factory=lambda: list[StageName](["resize"]))
 
     @field_validator("stages")
