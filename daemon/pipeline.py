@@ -75,8 +75,8 @@ class ClipCutter:
         self.fps = settings.fps
         self.batch_size = settings.decode.batch_size
         self._encoder_factory = encoder_factory or self._x265
-        # Set by the matte stage's settings: write the matte as its own `.alpha.hevc` stream.
-        self.write_alpha = False
+        # The matte, when a matte stage makes one, goes to its own `.alpha.hevc` stream.
+        self.write_alpha = "matte" in settings.stages and settings.matte.alpha_stream
         self._sink: ProgressSink | None = None
 
     def _x265(self, path: Path, width: int, height: int, fps: Fraction) -> ClipEncoder:

@@ -82,7 +82,9 @@ class Worker:
 
         from daemon.stages import build_stages
 
-        self.device = torch.device("cpu")
+        self.device = (
+            torch.device("cuda", settings.run.device_id) if torch.cuda.is_available() else torch.device("cpu")
+        )
         self.cutter = ClipCutter(settings, build_stages(settings, self.device), self.device)
 
     def serve(self) -> None:

@@ -29,9 +29,17 @@ class Stage(Protocol):
 
 
 def build_stages(settings: Settings, device: torch.device) -> list[Stage]:
+    from daemon.stages.composite import Composite
+    from daemon.stages.matte import Matte
     from daemon.stages.resize import Resize
+    from daemon.stages.upscale import Upscale
 
-    builders: dict[str, Any] = {"resize": Resize.from_settings}
+    builders: dict[str, Any] = {
+        "resize": Resize.from_settings,
+        "upscale": Upscale.from_settings,
+        "matte": Matte.from_settings,
+        "composite": Composite.from_settings,
+    }
     stages: list[Stage] = []
     for name in settings.stages:
         if name not in builders:
