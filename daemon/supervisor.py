@@ -234,9 +234,20 @@ class Supervisor:
             )
         if state == "skipped" and error:
             logger.warning(f"{url}: skipped: {error}")
+        elif state == "failed" and update:
+            logger.error(f"{url}: failed: {error}")
         self.outcomes[url] = state
         self.totals.urls[state] += 1
-        self.on_event("url", {"url": url, "state": state, "error": error})
+        self.on_event(
+            "url",
+            {
+                "url": url,
+                "state": state,
+                "error": error,
+                "download_seconds": download_seconds,
+                "process_seconds": process_seconds,
+            },
+        )
         return state
 
     # --- workers ------------------------------------------------------------------------------
@@ -340,8 +351,6 @@ class Supervisor:
             logger.info(f"{url}: stopped early; its remaining clips stay pending")
             self.on_event("url", {"url": url, "state": "pending", "error": None})
             return
-        if state == "failed":
-            logger.error(f"{url}: failed: {message['error']}")
         self._conclude(
             url,
             state,

@@ -78,3 +78,11 @@ def stream_info(path: Path) -> tuple[str, int, int, int]:
         stream = container.streams.video[0]
         count = sum(1 for _ in container.decode(video=0))
         return stream.codec_context.name, stream.codec_context.width, stream.codec_context.height, count
+
+
+def frame_times(path: Path) -> list[Fraction]:
+    """Presentation times in seconds, as the container stores them (webm rounds to milliseconds)."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        origin = stream.start_time or 0
+        return [Fraction(f.pts - origin) * Fraction(stream.time_base) for f in container.decode(stream)]

@@ -15,7 +15,7 @@ class Route:
     status: int = 200  # a fixed error status (404, 403, …) instead of the body
     fail_first: int = 0  # answer the first N GETs with `fail_status`
     fail_status: int = 503
-    drop_first: int = 0  # cut the connection mid-body on the first N GETs
+    drop_gets: tuple[int, ...] = ()  # cut the connection a third of the way into these GETs (1-based)
     gets: int = 0
     requests: list[str] = field(default_factory=list)
 
@@ -70,7 +70,7 @@ class MediaServer:
                 self.end_headers()
                 if head:
                     return
-                if attempt <= route.fail_first + route.drop_first:
+                if attempt in route.drop_gets:
                     self.wfile.write(body[start : start + (len(body) - start) // 3])
                     self.wfile.flush()
                     self.close_connection = True

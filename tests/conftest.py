@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from server import MediaServer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Small and fast: every test that runs the command line uses these settings.
+FAST_CONFIG = """
+stages = ["resize"]
+[run]
+start_delay = 0.0
+grace_seconds = 20.0
+[output]
+width = 128
+height = 80
+[encode]
+preset = "ultrafast"
+codec = "cpu"
+[download]
+backoff_initial_seconds = 0.1
+backoff_max_seconds = 0.5
+rate_limited_backoff_seconds = 0.2
+"""
+
+
+@pytest.fixture
+def server() -> Iterator[MediaServer]:
+    with MediaServer() as running:
+        yield running
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> dict[str, Path]:
+    """Folders of a run: clip files, outputs, temp, and a fast config file."""
+    paths = {
+        "clips": tmp_path / "clips",
+        "out": tmp_path / "out",
+        "temp": tmp_path / "temp",
+        "media": tmp_path / "media",
+        "config": tmp_path / "config.toml",
+        "urls": tmp_path / "urls.txt",
+    }
+    for key in ("clips", "temp", "media"):
+        paths[key].mkdir()
+    paths["config"].write_text(FAST_CONFIG)
+    return paths
+
+
+def cli_command(workspace: dict[str, Path], *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "daemon",
+        "--urls-file",
+        str(workspace["urls"]),
+        "--input-clip-dir",
+        str(workspace["clips"]),
+        "--output-dir",
+        str(workspace["out"]),
+        "--temp-dir",
+        str(workspace["temp"]),
+        "--config",
+        str(workspace["config"]),
+        *extra,
+    ]
+
+
+def run_cli(workspace: dict[str, Path], *extra: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        cli_command(workspace, *extra), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+    )
