@@ -12,7 +12,7 @@ from daemon import logs
 from daemon.config import ConfigError, Settings, load_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-COMMANDS = ("run", "logs")
+COMMANDS = ("run", "logs", "serve", "status")
 DEFAULT_CONFIG = Path("config.toml")
 
 
@@ -82,6 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--config", type=Path)
     show.add_argument("--worker", type=int, help="only this worker's log")
     show.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
+
+    serve = sub.add_parser("serve", help="run as a service: process URL lists dropped into an inbox folder")
+    serve.add_argument("--inbox", "-i", type=Path, help="folder to watch for URL lists (service.inbox)")
+    serve.add_argument("--input-clip-dir", "-c", type=Path, help="folder of <VIDEOID>.txt clip files")
+    serve.add_argument("--output-dir", "-o", type=Path, help="where <VIDEOID>/… .hevc files go")
+    serve.add_argument("--metrics-address", help="serve Prometheus metrics on HOST:PORT")
+    _add_settings_flags(serve)
+
+    status = sub.add_parser("status", help="what the ledger says: counts, busy workers, throughput, errors")
+    status.add_argument("--output-dir", "-o", type=Path, help="output folder of the run or service")
+    status.add_argument("--state-dir", type=Path, help="folder of ledger.sqlite, if run.state_dir was set")
+    status.add_argument("--config", type=Path)
+    status.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    status.add_argument("--minutes", type=float, default=10.0, help="throughput window (default 10)")
+    status.add_argument("--errors", type=int, default=5, help="how many recent errors to list (default 5)")
     return parser
 
 
@@ -94,6 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "logs":
             return _logs(args)
+        if args.command == "serve":
+            from daemon.service import serve_command
+
+            return serve_command(args)
+        if args.command == "status":
+            from daemon.status import status_command
+
+            return status_command(args)
         return _run(args)
     except (ConfigError, UsageError) as exc:
         print(f"download_and_process: {exc}", file=sys.stderr)
@@ -109,6 +132,8 @@ def _log_dir(args: argparse.Namespace) -> Path:
         return Path(settings.run.log_dir).expanduser()
     if args.output_dir:
         return Path(args.output_dir) / "logs"
+    if settings.service.output_dir:
+        return Path(settings.service.output_dir).expanduser() / "logs"
     raise UsageError("logs: give --output-dir (or --log-dir)")
 
 

@@ -146,6 +146,32 @@ class CompositeSettings(_Section):
     background: str = "#00ff00"
 
 
+class ServiceSettings(_Section):
+    """`serve`: the inbox it watches, where results go, disk floors, optional metrics."""
+
+    inbox: str = ""  # --inbox
+    input_clip_dir: str = ""  # --input-clip-dir
+    output_dir: str = ""  # --output-dir
+    # A list is read once its size and mtime have not changed for this long and no writer has it open.
+    settle_seconds: float = Field(2.0, ge=0)
+    # The inbox is also listed this often, in case the file system drops change events (NFS and the like).
+    rescan_seconds: float = Field(60.0, gt=0)
+    # Downloads wait while the temp or output file system has less free space than this (0: no floor).
+    min_free_temp_mb: float = Field(1024.0, ge=0)
+    min_free_output_mb: float = Field(1024.0, ge=0)
+    disk_check_seconds: float = Field(10.0, gt=0)  # how often free space is checked again while paused
+    metrics_address: str = ""  # e.g. "127.0.0.1:9464": Prometheus metrics there; empty: off
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if value:
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{value!r} is not HOST:PORT, e.g. '127.0.0.1:9464'")
+        return value
+
+
 StageName = Literal["resize", "upscale", "matte", "composite"]
 
 
@@ -166,10 +192,11 @@ class Settings(_Section):
     encode: EncodeSettings = EncodeSettings()
     download: DownloadSettings = DownloadSettings()
     decode: DecodeSettings = DecodeSettings()
-    gpu: GpuSettings = GpuSettings()
+    service: ServiceSettings = ServiceSettings()
     upscale: UpscaleSettings = UpscaleSettings()
     matte: MatteSettings = MatteSettings()
     composite: CompositeSettings = CompositeSettings()
+    gpu: GpuSettings = GpuSettings()
     stages: list[StageName] = Field(default_factory=lambda: list[StageName](["resize"]))
 
     @field_validator("stages")

@@ -22,6 +22,7 @@ from multiprocess.connection import wait as wait_any
 
 from daemon.clips import Clip, clip_file_path, read_clip_file
 from daemon.config import Settings
+from daemon.diskspace import DiskGate, Floor
 from daemon.encode import PART_SUFFIX, remove_partial_files
 from daemon.ledger import Ledger
 from daemon.urls import Source
@@ -127,6 +128,16 @@ class Supervisor:
         self.ledger: Ledger | None = None
         # URL -> its final state for this run, so the summary counts each URL once.
         self.outcomes: dict[str, str] = {}
+        service = settings.service
+        self.disk = DiskGate(
+            [
+                Floor("temp", paths.temp_root, service.min_free_temp_mb),
+                Floor("output", paths.output_dir, service.min_free_output_mb),
+            ],
+            service.disk_check_seconds,
+        )
+        # Extra file descriptors that end `step`'s wait early (the service's inbox and signal pipe).
+        self.wake_fds: list[int] = []
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -288,7 +299,8 @@ class Supervisor:
         if self.draining:
             self._send_stop(handle)
             return
-        if not self.queue:
+        # A worker asking for work while disk space is low waits idle; `step` asks again later.
+        if not self.queue or self.disk.blocked():
             handle.idle = True
             return
         task = self.queue.popleft()
@@ -422,9 +434,11 @@ class Supervisor:
         for handle in self.workers.values():
             waitables[handle.conn] = ("conn", handle)
             waitables[handle.process.sentinel] = ("dead", handle)
-        ready = wait_any(list(waitables), timeout=timeout)
+        ready = wait_any(list(waitables) + self.wake_fds, timeout=timeout)
         dead: list[_WorkerHandle] = []
         for item in ready:
+            if item not in waitables:
+                continue  # a wake-up; its owner reads it
             what, handle = waitables[item]
             if what == "dead":
                 dead.append(handle)

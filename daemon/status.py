@@ -1,0 +1,190 @@
+"""`status`: what the ledger says, read-only, so it works while a run or the service is writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon.ledger import URL_STATES, Ledger
+
+# What a running service last published about itself, beside the ledger.
+STATUS_FILE = "service.json"
+
+
+class StatusError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class WorkerNow:
+    worker: int
+    url: str
+    video_id: str
+    stage: str | None
+    running_seconds: float
+
+
+@dataclass(frozen=True)
+class Throughput:
+    minutes: float
+    urls_ended: int
+    clips_written: int
+    clip_errors: int
+    frames: int
+    bytes: int
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames / (self.minutes * 60)
+
+
+@dataclass(frozen=True)
+class ErrorRow:
+    url: str
+    error: str
+    at: float  # Unix time
+
+
+@dataclass(frozen=True)
+class Status:
+    ledger: str
+    counts: dict[str, int]
+    workers: list[WorkerNow]
+    throughput: Throughput
+    errors: list[ErrorRow]
+    service: dict[str, Any] | None  # what a running service last published; None when none runs
+
+    def as_json(self) -> dict[str, Any]:
+        document = asdict(self)
+        document["throughput"]["frames_per_second"] = round(self.throughput.frames_per_second, 3)
+        return document
+
+
+def _service_state(state_dir: Path) -> dict[str, Any] | None:
+    path = state_dir / STATUS_FILE
+    try:
+        document: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        os.kill(int(document["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no file, a stale one from a killed service, or one being replaced
+    return document
+
+
+def read_status(ledger_path: Path, minutes: float = 10.0, error_count: int = 5) -> Status:
+    if not ledger_path.is_file():
+        raise StatusError(f"no ledger at {ledger_path}; give --output-dir or --state-dir of a run")
+    now = time.time()
+    since = now - minutes * 60
+    try:
+        ledger = Ledger(ledger_path, readonly=True)
+        try:
+            counts = ledger.counts()
+            workers = [
+                WorkerNow(r["worker"], r["url"], r["video_id"], r["stage"], now - (r["started_at"] or now))
+                for r in ledger.rows(
+                    "SELECT worker, url, video_id, stage, started_at FROM urls"
+                    " WHERE state = 'running' ORDER BY worker"
+                )
+            ]
+            ended = ledger.rows(
+                "SELECT COUNT(*) FROM urls WHERE state IN ('done', 'skipped', 'failed') AND finished_at >= ?",
+                (since,),
+            )[0][0]
+            clips = ledger.rows(
+                "SELECT SUM(state = 'done'), SUM(state = 'failed'),"
+                " COALESCE(SUM(CASE WHEN state = 'done' THEN frames END), 0),"
+                " COALESCE(SUM(CASE WHEN state = 'done' THEN bytes END), 0)"
+                " FROM clips WHERE finished_at >= ?",
+                (since,),
+            )[0]
+            errors = [
+                ErrorRow(r["url"], r["error"], r["at"])
+                for r in ledger.rows(
+                    "SELECT url, error, at FROM ("
+                    " SELECT url, error, finished_at AS at FROM urls"
+                    " WHERE state = 'failed' AND error IS NOT NULL"
+                    " UNION ALL"
+                    " SELECT url, error, finished_at AS at FROM clips WHERE state = 'failed'"
+                    ") ORDER BY at DESC LIMIT ?",
+                    (error_count,),
+                )
+            ]
+        finally:
+            ledger.close()
+    except sqlite3.Error as exc:
+        raise StatusError(f"cannot read the ledger {ledger_path}: {exc}") from exc
+    throughput = Throughput(minutes, ended, clips[0] or 0, clips[1] or 0, clips[2], clips[3])
+    return Status(
+        ledger=str(ledger_path),
+        counts={state: counts.get(state, 0) for state in URL_STATES},
+        workers=workers,
+        throughput=throughput,
+        errors=errors,
+        service=_service_state(ledger_path.parent),
+    )
+
+
+def _ago(at: float) -> str:
+    seconds = max(0, int(time.time() - at))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def format_status(status: Status) -> str:
+    lines = [f"ledger: {status.ledger}"]
+    if status.service is not None:
+        lines.append(f"service: running (pid {status.service['pid']}): {status.service.get('status', '')}")
+    lines.append("URLs: " + ", ".join(f"{state} {count}" for state, count in status.counts.items()))
+    if status.workers:
+        for worker in status.workers:
+            lines.append(
+                f"worker {worker.worker}: {worker.stage or '-'} {worker.url} "
+                f"({worker.video_id}, {_ago(time.time() - worker.running_seconds)})"
+            )
+    else:
+        lines.append("workers: none busy")
+    t = status.throughput
+    lines.append(
+        f"last {t.minutes:g} min: {t.urls_ended} URL(s) ended, {t.clips_written} clip(s) written, "
+        f"{t.clip_errors} clip error(s), {t.frames} frames ({t.frames_per_second:.1f}/s), "
+        f"{t.bytes / 1e6:.1f} MB"
+    )
+    if status.errors:
+        lines.append("last errors:")
+        for error in status.errors:
+            lines.append(f"  {_ago(error.at)} ago  {error.url}: {error.error}")
+    return "\n".join(lines)
+
+
+def status_command(args: Any) -> int:
+    from daemon.cli import DEFAULT_CONFIG, EXIT_OK, UsageError
+    from daemon.config import load_settings
+    from daemon.supervisor import LEDGER_NAME
+
+    config = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    settings = load_settings(config)
+    if args.state_dir:
+        state_dir = Path(args.state_dir)
+    elif settings.run.state_dir:
+        state_dir = Path(settings.run.state_dir).expanduser()
+    elif args.output_dir:
+        state_dir = Path(args.output_dir)
+    elif settings.service.output_dir:
+        state_dir = Path(settings.service.output_dir).expanduser()
+    else:
+        raise UsageError("status: give --output-dir (or --state-dir)")
+    try:
+        status = read_status(state_dir / LEDGER_NAME, args.minutes, args.errors)
+    except StatusError as exc:
+        raise UsageError(str(exc)) from exc
+    if args.json:
+        print(json.dumps(status.as_json(), indent=1))
+    else:
+        print(format_status(status))
+    return EXIT_OK
