@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -15,7 +15,7 @@ from loguru import logger
 from daemon.clips import Clip
 from daemon.config import Settings
 from daemon.encode import ClipEncoder, EncodeError, X265Encoder
-from daemon.source import SourceFrame, VideoSource
+from daemon.source import VideoSource
 from daemon.stages import FrameBatch, Stage
 from daemon.timing import ClipTimeline, FrameSchedule
 
@@ -41,12 +41,36 @@ class ProgressSink(Protocol):
 EncoderFactory = Callable[[Path, int, int, Fraction], ClipEncoder]
 
 
+class ShownFrame(Protocol):
+    """A decoded frame, from the CPU decoder (SourceFrame) or NVDEC (daemon.gpu.nvcodec)."""
+
+    seconds: Fraction
+    duration_seconds: Fraction | None
+
+    def to_rgb(self) -> np.ndarray | torch.Tensor:
+        """(height, width, 3) uint8 RGB, as a host array or a tensor already on a device."""
+
+
+class FrameSource(Protocol):
+    @property
+    def nominal_frame_seconds(self) -> Fraction: ...
+
+    def frames(self, from_seconds: Fraction = ...) -> Generator[ShownFrame, None, None]: ...
+
+    def __enter__(self) -> FrameSource: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+SourceFactory = Callable[[Path], FrameSource]
+
+
 @dataclass
 class _ClipWork:
     timeline: ClipTimeline
     path: Path
     encoder: ClipEncoder
-    pending: list[np.ndarray] = field(default_factory=list)
+    pending: list[np.ndarray | torch.Tensor] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
     extra_encoders: dict[str, ClipEncoder] = field(default_factory=dict)
 
@@ -66,6 +90,7 @@ class ClipCutter:
         stages: list[Stage],
         device: torch.device,
         encoder_factory: EncoderFactory | None = None,
+        source_factory: SourceFactory | None = None,
     ) -> None:
         self.settings = settings
         self.stages = stages
@@ -75,12 +100,16 @@ class ClipCutter:
         self.fps = settings.fps
         self.batch_size = settings.decode.batch_size
         self._encoder_factory = encoder_factory or self._x265
+        self._source_factory = source_factory or self._cpu_source
         # The matte, when a matte stage makes one, goes to its own `.alpha.hevc` stream.
         self.write_alpha = "matte" in settings.stages and settings.matte.alpha_stream
         self._sink: ProgressSink | None = None
 
     def _x265(self, path: Path, width: int, height: int, fps: Fraction) -> ClipEncoder:
         return X265Encoder(path, width, height, fps, self.settings.encode)
+
+    def _cpu_source(self, path: Path) -> FrameSource:
+        return VideoSource(path, threads=self.settings.decode.threads)
 
     def run(
         self,
@@ -103,10 +132,10 @@ class ClipCutter:
             sink.clip_finished(result)
 
         try:
-            with VideoSource(source_path, threads=self.settings.decode.threads) as source:
+            with self._source_factory(source_path) as source:
                 first_start = schedule.next_start_seconds() or Fraction(0)
                 frames = source.frames(first_start if first_start > threshold else Fraction(0))
-                previous: SourceFrame | None = None
+                previous: ShownFrame | None = None
                 previous_first = True
                 last_end = Fraction(0)
                 while True:
@@ -172,7 +201,7 @@ class ClipCutter:
 
     def _show(
         self,
-        source_frame: SourceFrame,
+        source_frame: ShownFrame,
         end: Fraction,
         first: bool,
         schedule: FrameSchedule,
@@ -203,7 +232,7 @@ class ClipCutter:
     def _flush(self, item: _ClipWork) -> None:
         if not item.pending:
             return
-        stacked = torch.from_numpy(np.stack(item.pending)).to(self.device, non_blocking=True)
+        stacked = stack_frames(item.pending).to(self.device, non_blocking=True)
         item.pending.clear()
         batch = FrameBatch(rgb=stacked.permute(0, 3, 1, 2).float().div_(255), state=item.state)
         with torch.inference_mode():
@@ -213,7 +242,7 @@ class ClipCutter:
             raise RuntimeError(
                 f"stages produced {tuple(batch.rgb.shape[-2:])}, not {self.height}x{self.width}"
             )
-        item.encoder.write(to_uint8(batch.rgb).permute(0, 2, 3, 1).cpu().numpy())
+        item.encoder.write(encoder_input(item.encoder, to_uint8(batch.rgb).permute(0, 2, 3, 1)))
         if self._sink is not None:
             self._sink.frames_written(batch.rgb.shape[0])
         if batch.alpha is not None and self.write_alpha:
@@ -222,7 +251,7 @@ class ClipCutter:
                 alpha_path = item.path.with_name(item.path.name.replace(".hevc", ".alpha.hevc"))
                 alpha_encoder = self._encoder_factory(alpha_path, self.width, self.height, self.fps)
                 item.extra_encoders["alpha"] = alpha_encoder
-            alpha_encoder.write(to_uint8(batch.alpha)[:, 0].cpu().numpy())
+            alpha_encoder.write(encoder_input(alpha_encoder, to_uint8(batch.alpha)[:, 0]))
 
     def _finish(self, item: _ClipWork, video_id: str) -> ClipResult:
         clip = item.timeline.clip
@@ -240,3 +269,17 @@ class ClipCutter:
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.clamp(0, 1).mul(255).round_().to(torch.uint8)
+
+
+def stack_frames(frames: list[np.ndarray | torch.Tensor]) -> torch.Tensor:
+    """(N, H, W, 3) uint8; frames NVDEC left on the device stay there."""
+    if isinstance(frames[0], torch.Tensor):
+        return torch.stack([torch.as_tensor(frame) for frame in frames])
+    return torch.from_numpy(np.stack(frames))
+
+
+def encoder_input(encoder: ClipEncoder, frames: torch.Tensor) -> Any:
+    """Device tensors for an encoder that reads them in place (NVENC), host arrays for the rest."""
+    if getattr(encoder, "takes_device_tensors", False):
+        return frames
+    return frames.cpu().numpy()
