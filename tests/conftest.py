@@ -75,7 +75,9 @@ def cli_command(workspace: dict[str, Path], *extra: str) -> list[str]:
     ]
 
 
-def run_cli(workspace: dict[str, Path], *extra: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    workspace: dict[str, Path], *extra: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run(
         cli_command(workspace, *extra), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env

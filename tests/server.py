@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,7 +37,9 @@ class MediaServer:
                 self._answer(head=True)
 
             def do_GET(self) -> None:
-                self._answer(head=False)
+                # yt-dlp reads only the start of a response when it looks a URL up, then hangs up.
+                with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+                    self._answer(head=False)
 
             def _answer(self, head: bool) -> None:
                 path = self.path.split("?")[0]

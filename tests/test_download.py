@@ -8,6 +8,7 @@ import pytest
 
 from daemon.config import load_settings
 from daemon.download import DownloadFailure, download
+
 from media import make_video
 from server import MediaServer
 

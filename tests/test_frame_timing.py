@@ -13,6 +13,7 @@ from daemon.clips import Clip
 from daemon.config import Settings, load_settings
 from daemon.pipeline import ClipCutter, ClipResult
 from daemon.stages import build_stages
+
 from media import decoded_indices, frame_times, make_video
 
 
@@ -44,7 +45,9 @@ def cut(source: Path, clips: list[Clip], out: Path, config: Settings | None = No
 
 def expected(clip: Clip, source_times: list[Fraction], fps: float = 30, clip_fps: float = 30) -> list[int]:
     """The reference rule, written independently: the last source frame at or before each moment."""
-    count = int(Fraction(clip.end_frame - clip.start_frame) * Fraction(fps) / Fraction(clip_fps) + Fraction(1, 2))
+    count = int(
+        Fraction(clip.end_frame - clip.start_frame) * Fraction(fps) / Fraction(clip_fps) + Fraction(1, 2)
+    )
     shown = []
     for k in range(count):
         moment = Fraction(clip.start_frame) / Fraction(clip_fps) + Fraction(k) / Fraction(fps)
@@ -60,7 +63,9 @@ def expected(clip: Clip, source_times: list[Fraction], fps: float = 30, clip_fps
 def test_each_output_frame_shows_the_source_frame_on_screen_at_its_moment(
     tmp_path: Path, fps: int, codec: str
 ) -> None:
-    source = make_video(tmp_path / f"src.{'webm' if 'vpx' in codec else 'mp4'}", fps=fps, frames=fps * 6, codec=codec)
+    source = make_video(
+        tmp_path / f"src.{'webm' if 'vpx' in codec else 'mp4'}", fps=fps, frames=fps * 6, codec=codec
+    )
     clips = [Clip(0, 30), Clip(20, 47), Clip(150, 170)]
     results = cut(source, clips, tmp_path / "out")
     times = frame_times(source)

@@ -12,14 +12,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
 from loguru import logger
-from media import make_video
-from server import MediaServer
 
 from daemon.config import load_settings
 from daemon.download import download
 from daemon.gpu.slots import GpuSlots
+
+from conftest import ROOT
+from media import make_video
+from server import MediaServer
 
 HOLDER = """
 import sys, time

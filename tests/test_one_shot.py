@@ -48,9 +48,7 @@ def test_a_url_list_becomes_frame_accurate_clips(server: MediaServer, workspace:
     slow = server.add("slow.webm", make_video(media / "slow.webm", fps=25, frames=75, codec="libvpx-vp9"))
     missing = server.add("missing.mp4", b"", status=404)
     unlisted = server.add("unlisted.mp4", make_video(media / "unlisted.mp4", frames=10))
-    workspace["urls"].write_text(
-        f"# dataset\n{fast}\n{slow}\n\n{missing}\n{unlisted}\nnot a url\n{fast}\n"
-    )
+    workspace["urls"].write_text(f"# dataset\n{fast}\n{slow}\n\n{missing}\n{unlisted}\nnot a url\n{fast}\n")
     (workspace["clips"] / "fast.txt").write_text("0000010 0000040\n0000090 0000110\nbroken\n")
     (workspace["clips"] / "slow.txt").write_text("0000000 0000030\n0000080 0000100\n")
     (workspace["clips"] / "missing.txt").write_text("0 10\n")
@@ -67,7 +65,11 @@ def test_a_url_list_becomes_frame_accurate_clips(server: MediaServer, workspace:
     assert server.gets("fast.mp4") == 2  # listed twice, fetched once (look-up + download)
 
     made = outputs(workspace)
-    assert sorted(made) == ["fast_0000010_0000040.hevc", "fast_0000090_0000110.hevc", "slow_0000000_0000030.hevc"]
+    assert sorted(made) == [
+        "fast_0000010_0000040.hevc",
+        "fast_0000090_0000110.hevc",
+        "slow_0000000_0000030.hevc",
+    ]
     assert decoded_indices(made["fast_0000010_0000040.hevc"]) == list(range(20, 80, 2))
     assert decoded_indices(made["slow_0000000_0000030.hevc"]) == [int(k * 25 / 30) for k in range(30)]
     states = {video: row["state"] for video, row in ledger(workspace).items()}
@@ -163,16 +165,25 @@ def worker_pids(workspace: dict[str, Path]) -> list[int]:
     log = workspace["out"] / "logs" / "supervisor.log"
     if not log.exists():
         return []
-    return [int(line.rsplit("pid ", 1)[1].rstrip(")\n")) for line in log.read_text().splitlines() if "(pid " in line]
+    return [
+        int(line.rsplit("pid ", 1)[1].rstrip(")\n"))
+        for line in log.read_text().splitlines()
+        if "(pid " in line
+    ]
 
 
 def slow_workload(server: MediaServer, workspace: dict[str, Path], name: str = "long") -> None:
     """One video with many clips, big enough that killing mid-clip is easy to hit."""
-    url = server.add(f"{name}.mp4", make_video(workspace["media"] / f"{name}.mp4", frames=600, width=256, height=160))
+    url = server.add(
+        f"{name}.mp4", make_video(workspace["media"] / f"{name}.mp4", frames=600, width=256, height=160)
+    )
     workspace["urls"].write_text(url + "\n")
     (workspace["clips"] / f"{name}.txt").write_text("".join(f"{s} {s + 60}\n" for s in range(0, 540, 60)))
     workspace["config"].write_text(
-        workspace["config"].read_text().replace("width = 128", "width = 256").replace("height = 80", "height = 160")
+        workspace["config"]
+        .read_text()
+        .replace("width = 128", "width = 256")
+        .replace("height = 80", "height = 160")
         .replace('preset = "ultrafast"', 'preset = "medium"')
     )
 
@@ -181,7 +192,9 @@ def assert_all_clips_complete(workspace: dict[str, Path], name: str = "long") ->
     made = outputs(workspace)
     assert len(made) == 9
     for start in range(0, 540, 60):
-        assert decoded_indices(made[f"{name}_{start:07d}_{start + 60:07d}.hevc"]) == list(range(start, start + 60))
+        assert decoded_indices(made[f"{name}_{start:07d}_{start + 60:07d}.hevc"]) == list(
+            range(start, start + 60)
+        )
     no_partial_files(workspace)
 
 
@@ -190,7 +203,9 @@ def test_a_killed_run_leaves_no_partial_clip_and_the_next_run_finishes(
 ) -> None:
     slow_workload(server, workspace)
     run = start_run(workspace, "--workers", "1")
-    wait_for(lambda: list(workspace["out"].glob("long/*.hevc")) and list(workspace["out"].glob("long/*.part")))
+    wait_for(
+        lambda: list(workspace["out"].glob("long/*.hevc")) and list(workspace["out"].glob("long/*.part"))
+    )
     os.killpg(run.pid, signal.SIGKILL)  # supervisor and workers at once, as a power cut would
     run.wait(timeout=30)
     for clip in outputs(workspace).values():  # whatever has a final name is complete
@@ -227,7 +242,11 @@ def test_a_url_that_kills_its_worker_twice_is_failed_not_retried_forever(
     slow_workload(server, workspace)
     run = start_run(workspace, "--workers", "1")
     for kills in (1, 2):
-        wait_for(lambda: len(worker_pids(workspace)) == kills and list(workspace["out"].glob("long/*.part")))
+
+        def processing(started: int = kills) -> bool:
+            return len(worker_pids(workspace)) == started and bool(list(workspace["out"].glob("long/*.part")))
+
+        wait_for(processing)
         os.kill(worker_pids(workspace)[-1], signal.SIGKILL)
     _, stderr = run.communicate(timeout=300)
     assert run.returncode == 1
@@ -254,6 +273,8 @@ def test_python_dash_m_and_the_console_script_are_the_same_command() -> None:
         pytest.skip("console script not installed (package not installed into this environment)")
     helps = [
         subprocess.run([str(script), "--help"], capture_output=True, text=True).stdout,
-        subprocess.run([sys.executable, "-m", "daemon", "--help"], capture_output=True, text=True, cwd=ROOT).stdout,
+        subprocess.run(
+            [sys.executable, "-m", "daemon", "--help"], capture_output=True, text=True, cwd=ROOT
+        ).stdout,
     ]
     assert helps[0] == helps[1] and "logs" in helps[0]

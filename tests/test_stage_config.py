@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST_CONFIG, ROOT, run_cli
-from media import make_video, stream_info
-from server import MediaServer
 
 from daemon.clips import Clip
 from daemon.config import ConfigError, Settings, load_settings
 from daemon.pipeline import ClipCutter, ClipResult
 from daemon.stages import FrameBatch, build_stages
+
+from conftest import FAST_CONFIG, ROOT, run_cli
+from media import make_video, stream_info
+from server import MediaServer
 
 CPU = torch.device("cpu")
 
