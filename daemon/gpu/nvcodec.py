@@ -1,0 +1,293 @@
+"""NVDEC decoding and NVENC encoding through PyNvVideoCodec, frames kept on the device throughout.
+
+PyNvVideoCodec is imported only inside these classes: importing it on a machine without the driver's
+video libraries raises, and the rest of the project must import everywhere.
+
+Timing follows the CPU path exactly: the container's time base and start time come from PyAV (the
+same libavformat), frames are yielded in presentation order with the first of equal timestamps kept,
+and a seek restarts at the keyframe at or before the target, falling back to the start if the
+container's index lands past it (daemon.source.VideoSource.frames documents the rule).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Generator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import torch
+
+from daemon.config import EncodeSettings
+from daemon.encode import PART_SUFFIX, EncodeError
+from daemon.gpu.color import nv12_to_rgb, rgb_to_nv12
+from daemon.source import VideoSource
+
+# What NVDEC decodes to NV12 (8-bit 4:2:0), with its size limits: (min w, min h, max w, max h).
+# From NVIDIA's NVDEC support matrix for Turing and later; older parts fail at decoder creation
+# and the URL is then decoded on the CPU.
+NVDEC_LIMITS: dict[str, tuple[int, int, int, int]] = {
+    "h264": (48, 16, 4096, 4096),
+    "hevc": (144, 144, 8192, 8192),
+    "vp9": (128, 128, 8192, 8192),
+    "av1": (128, 128, 8192, 8192),
+    "vp8": (48, 16, 4096, 4096),
+    "mpeg2video": (48, 16, 4080, 4080),
+}
+NV12_SOURCE_FORMATS = ("yuv420p", "yuvj420p", "nv12")
+DEMUXABLE = ("mp4", "mov", "matroska", "webm", "avi", "flv", "mpegts")
+
+
+class NvdecError(Exception):
+    """NVDEC failed on this source; the caller decodes it on the CPU instead."""
+
+
+def nvdec_unsupported_reason(path: Path) -> str:
+    """'' when NVDEC can decode this file's video stream to NV12, else why not (codec, format, size)."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return "no video stream"
+            context = container.streams.video[0].codec_context
+            codec, pix_fmt = context.name, context.format.name if context.format else "unknown"
+            width, height = context.width, context.height
+            formats = container.format.name.split(",")
+    except (av.error.FFmpegError, OSError) as exc:
+        return f"cannot be read: {exc}"
+    if codec not in NVDEC_LIMITS:
+        return f"codec {codec} is not decoded by NVDEC"
+    if pix_fmt not in NV12_SOURCE_FORMATS:
+        return f"{codec} {pix_fmt} is not 8-bit 4:2:0"
+    min_w, min_h, max_w, max_h = NVDEC_LIMITS[codec]
+    if not (min_w <= width <= max_w and min_h <= height <= max_h):
+        return f"{codec} {width}x{height} is outside NVDEC's {min_w}x{min_h} to {max_w}x{max_h}"
+    if not any(name in DEMUXABLE for name in formats):
+        return f"container {container.format.name} is not demuxed for NVDEC"
+    return ""
+
+
+@dataclass
+class GpuFrame:
+    """One decoded NV12 picture on the device and the moment it appears on screen."""
+
+    nv12: torch.Tensor  # (height * 3 / 2, width) uint8, a copy owned by this frame
+    seconds: Fraction
+    duration_seconds: Fraction | None = None
+
+    def to_rgb(self) -> torch.Tensor:
+        return nv12_to_rgb(self.nv12)
+
+
+class NvdecSource:
+    """Same interface as daemon.source.VideoSource, decoding with NVDEC on `device_id`."""
+
+    def __init__(self, path: Path, device_id: int) -> None:
+        import PyNvVideoCodec as nvc  # noqa: N813
+
+        self._nvc = nvc
+        self.path = path
+        self.device_id = device_id
+        self.device = torch.device("cuda", device_id)
+        # PyAV knows the stream's time base, start and rate the CPU path uses; it also finds keyframes.
+        self._meta = VideoSource(path)
+        self.time_base = self._meta.time_base
+        self._origin = self._meta._origin
+        self._codec: Any = None
+
+    def __enter__(self) -> NvdecSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._meta.close()
+
+    @property
+    def nominal_frame_seconds(self) -> Fraction:
+        return self._meta.nominal_frame_seconds
+
+    def frames(self, from_seconds: Fraction = Fraction(0)) -> Generator[GpuFrame, None, None]:
+        if from_seconds > 0:
+            key_pts = self._keyframe_pts(from_seconds)
+            if key_pts is not None:
+                iterator = self._decode(key_pts)
+                first = next(iterator, None)
+                if first is None or first.seconds <= from_seconds:
+                    if first is not None:
+                        yield first
+                    yield from iterator
+                    return
+                iterator.close()
+        yield from self._decode(None)
+
+    def _keyframe_pts(self, seconds: Fraction) -> int | None:
+        """Presentation time stamp of the keyframe the container's index puts at or before `seconds`."""
+        container = self._meta._container
+        stream = self._meta.stream
+        try:
+            container.seek(int(seconds / self.time_base) + self._origin, backward=True, stream=stream)
+            for packet in container.demux(stream):
+                if packet.pts is not None and packet.is_keyframe:
+                    return int(packet.pts)
+        except av.error.FFmpegError:
+            return None
+        return None
+
+    def _decode(self, start_pts: int | None) -> Generator[GpuFrame, None, None]:
+        nvc = self._nvc
+        # A fresh demuxer and decoder per (re)start: nothing from before a seek can leak out.
+        try:
+            demuxer = nvc.CreateDemuxer(str(self.path))
+            decoder = nvc.CreateDecoder(
+                gpuid=self.device_id,
+                codec=demuxer.GetNvCodecId(),
+                cudacontext=0,
+                cudastream=0,
+                usedevicememory=True,
+            )
+        except Exception as exc:  # noqa: BLE001 - whatever the binding raises, the CPU takes over
+            raise NvdecError(f"{self.path.name}: NVDEC decoder cannot be created: {exc}") from exc
+        started = start_pts is None
+        last_pts: int | None = None
+        try:
+            for packet in demuxer:
+                if not started:
+                    # Packets before the keyframe are skipped undecoded; the keyframe opens its GOP.
+                    if packet.pts != start_pts:
+                        continue
+                    started = True
+                for decoded in decoder.Decode(packet):
+                    frame, last_pts = self._frame(decoded, last_pts)
+                    if frame is not None:
+                        yield frame
+            # An empty packet drains the frames NVDEC still holds for reordering.
+            with contextlib.suppress(Exception):
+                for decoded in decoder.Decode(nvc.PacketData()):
+                    frame, last_pts = self._frame(decoded, last_pts)
+                    if frame is not None:
+                        yield frame
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise NvdecError(f"{self.path.name}: NVDEC decoding failed: {exc}") from exc
+
+    def _frame(self, decoded: Any, last_pts: int | None) -> tuple[GpuFrame | None, int | None]:
+        pts = int(decoded.getPTS())
+        if last_pts is not None and pts <= last_pts:
+            return None, last_pts  # duplicate or out-of-order timestamps: the first one wins
+        # The decoder reuses its surfaces: the frame gets its own copy (a device-to-device copy).
+        nv12 = _device_tensor(decoded, self.device).clone()
+        return GpuFrame(nv12, Fraction(pts - self._origin) * self.time_base), pts
+
+
+def _device_tensor(decoded: Any, device: torch.device) -> torch.Tensor:
+    """The decoded NV12 surface as a (height * 3 / 2, width) uint8 tensor, without leaving the device."""
+    try:
+        tensor = torch.from_dlpack(decoded)
+    except (TypeError, RuntimeError, BufferError):
+        # Bindings whose __dlpack__ takes the stream positionally: the CUDA array interface works there.
+        tensor = torch.as_tensor(decoded, device=device)
+    if tensor.ndim == 3 and tensor.shape[-1] == 1:
+        tensor = tensor[..., 0]
+    return tensor
+
+
+class _DeviceFrame:
+    """Hands a torch NV12 tensor to the encoder by CUDA array interface, with no copy to the host."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._tensor = tensor.contiguous()
+        self.__cuda_array_interface__ = self._tensor.__cuda_array_interface__
+
+    def cuda(self) -> _DeviceFrame:
+        return self
+
+
+NVENC_TUNING = {"hq": "high_quality", "ll": "low_latency", "ull": "ultra_low_latency", "lossless": "lossless"}
+
+
+def nvenc_options(settings: EncodeSettings, fps: Fraction, device_id: int) -> dict[str, str]:
+    """NVENC settings equivalent to the libx265 ones: capped VBR, the same GOP, BT.709 input."""
+    return {
+        "codec": "hevc",
+        "gpu_id": str(device_id),
+        "preset": settings.nvenc_preset.upper(),
+        "tuning_info": NVENC_TUNING.get(settings.nvenc_tuning, settings.nvenc_tuning),
+        "rc": "vbr",
+        # Constant-quality VBR: cq plays the role of x265's crf, the ceiling and buffer are the same.
+        "cq": f"{round(settings.crf)}",
+        "bitrate": str(settings.max_bitrate_kbps * 1000),
+        "maxbitrate": str(settings.max_bitrate_kbps * 1000),
+        "vbvbufsize": str(settings.buffer_kbits * 1000),
+        "gop": str(settings.gop),
+        "idrperiod": str(settings.gop),
+        "fps": f"{float(fps):.6g}",
+        "repeatspspps": "1",
+    }
+
+
+class NvencEncoder:
+    """HEVC through NVENC into a raw Annex-B `.hevc` file, written as `.part` and renamed when complete."""
+
+    takes_device_tensors = True
+
+    def __init__(
+        self, path: Path, width: int, height: int, fps: Fraction, settings: EncodeSettings, device_id: int
+    ) -> None:
+        import PyNvVideoCodec as nvc  # noqa: N813
+
+        self.path = path
+        self.part_path = path.with_name(path.name + PART_SUFFIX)
+        self.device = torch.device("cuda", device_id)
+        self.frames_written = 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        options = nvenc_options(settings, fps, device_id)
+        self._encoder = nvc.CreateEncoder(width, height, "NV12", False, **options)
+        self._file = open(self.part_path, "wb")  # noqa: SIM115 - closed in finish() or abort()
+
+    def _write_bitstream(self, output: Any) -> None:
+        # Older bindings return the bytes, newer ones a list of packets (dicts with "data").
+        if not output:
+            return
+        if isinstance(output, bytes | bytearray):
+            self._file.write(output)
+            return
+        for packet in output:
+            self._file.write(bytes(packet["data"] if isinstance(packet, dict) else packet))
+
+    def write(self, frames: np.ndarray | torch.Tensor) -> None:
+        """(N, H, W, 3) uint8 RGB, or (N, H, W) luma-only, on the host or the device."""
+        images = torch.as_tensor(frames).to(self.device, non_blocking=True)
+        nv12 = rgb_to_nv12(images)
+        # The encoder reads on its own stream: the conversion must be complete first.
+        torch.cuda.current_stream(self.device).synchronize()
+        for picture in nv12:
+            self._write_bitstream(self._encoder.Encode(_DeviceFrame(picture)))
+            self.frames_written += 1
+
+    def finish(self, expected_frames: int) -> int:
+        self._write_bitstream(self._encoder.EndEncode())
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        if self.frames_written != expected_frames:
+            self.abort()
+            raise EncodeError(
+                f"{self.path.name}: {self.frames_written} frames encoded, {expected_frames} expected"
+            )
+        os.replace(self.part_path, self.path)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return self.path.stat().st_size
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._file.close()
+        self.part_path.unlink(missing_ok=True)
