@@ -20,7 +20,7 @@ from daemon import logs
 from daemon.clips import Clip
 from daemon.config import Settings
 from daemon.download import DownloadFailure, download
-from daemon.pipeline import ClipCutter, ClipResult
+from daemon.pipeline import ClipResult
 from daemon.source import SourceError, probe
 
 
@@ -78,14 +78,13 @@ class Worker:
         self.output_dir = Path(paths.output_dir)
         self.temp_dir = Path(paths.temp_dir)
         self.stop_requested = False
-        import torch
-
+        from daemon.gpu import GpuRuntime
         from daemon.stages import build_stages
 
-        self.device = (
-            torch.device("cuda", settings.run.device_id) if torch.cuda.is_available() else torch.device("cpu")
-        )
-        self.cutter = ClipCutter(settings, build_stages(settings, self.device), self.device)
+        # Chosen once, by a probe in a child process; encode.codec = "cpu" never touches a GPU.
+        self.gpu = GpuRuntime.start(settings)
+        self.device = self.gpu.device
+        self.cutter = self.gpu.cutter(build_stages(settings, self.device))
 
     def serve(self) -> None:
         logger.info(f"worker {self.index} ready (pid {os.getpid()}, device {self.device})")
@@ -137,8 +136,9 @@ class Worker:
                 process_started = time.monotonic()
                 reporter = _Reporter(self.conn, task.url)
                 clips = [Clip(start, end) for start, end in task.clips]
-                outcome = self.cutter.run(
-                    source, task.video_id, clips, self.output_dir, reporter, self._should_stop
+                # Only this part takes a GPU slot, and only when the GPU is used.
+                outcome = self.gpu.process(
+                    self.cutter, source, task.video_id, clips, self.output_dir, reporter, self._should_stop
                 )
                 reporter.flush()
                 result["process_seconds"] = time.monotonic() - process_started
