@@ -165,6 +165,7 @@ def _run(args: argparse.Namespace) -> int:
     for problem in url_list.problems:
         logger.warning(problem)
     check_stages(settings)
+    check_gpu(settings)
 
     progress = ProgressView(len(url_list.sources), settings.run.progress_interval_seconds)
     supervisor = Supervisor(settings, paths, on_event=progress.on_event)
@@ -204,3 +205,15 @@ def check_stages(settings: Settings) -> None:
         build_stages(settings, torch.device("cpu"))
     except (FileNotFoundError, ImportError, ValueError, NotImplementedError) as exc:
         raise ConfigError(f"stages: {exc}") from exc
+
+
+def check_gpu(settings: Settings) -> None:
+    """encode.codec = "gpu" without a usable GPU stops the run here, before any download (exit 2)."""
+    if settings.encode.codec != "gpu":
+        return
+    from daemon.gpu import GpuUnavailable, select_backends
+
+    try:
+        select_backends(settings)
+    except GpuUnavailable as exc:
+        raise ConfigError(str(exc)) from exc
