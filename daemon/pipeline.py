@@ -15,8 +15,9 @@ from loguru import logger
 from daemon.clips import Clip
 from daemon.config import Settings
 from daemon.encode import ClipEncoder, EncodeError, X265Encoder
-from daemon.source import VideoSource
+from daemon.source import SourceFrame, VideoSource
 from daemon.stages import FrameBatch, Stage
+from daemon.stages.resize import Resize
 from daemon.timing import ClipTimeline, FrameSchedule
 
 
@@ -103,6 +104,10 @@ class ClipCutter:
         self._source_factory = source_factory or self._cpu_source
         # The matte, when a matte stage makes one, goes to its own `.alpha.hevc` stream.
         self.write_alpha = "matte" in settings.stages and settings.matte.alpha_stream
+        # When resizing comes first, the CPU decoder's scaler does it while converting colours.
+        self._prescale = stages[0] if stages and isinstance(stages[0], Resize) else None
+        # With nothing but a resize to run, decoded frames go to the encoder as they are.
+        self._passthrough = [stage.name for stage in stages] == ["resize"]
         self._sink: ProgressSink | None = None
 
     def _x265(self, path: Path, width: int, height: int, fps: Fraction) -> ClipEncoder:
@@ -213,7 +218,7 @@ class ClipCutter:
         shown = schedule.take(source_frame.seconds, end, first)
         if not shown:
             return
-        rgb = source_frame.to_rgb()  # converted once, however many clips and repeats show it
+        rgb = self._to_rgb(source_frame)  # converted once, however many clips and repeats show it
         for timeline, count in shown:
             item = work.get(timeline.clip)
             if item is None:
@@ -229,8 +234,23 @@ class ClipCutter:
                 del work[timeline.clip]
                 report(self._finish(item, video_id))
 
+    def _to_rgb(self, source_frame: ShownFrame) -> np.ndarray | torch.Tensor:
+        if self._prescale is None or not isinstance(source_frame, SourceFrame):
+            return source_frame.to_rgb()
+        frame = source_frame.frame
+        size, (left, top, width, height) = self._prescale.plan(frame.width, frame.height)
+        return source_frame.to_rgb(size)[top : top + height, left : left + width]
+
     def _flush(self, item: _ClipWork) -> None:
         if not item.pending:
+            return
+        if self._passthrough and not getattr(item.encoder, "takes_device_tensors", False) and all(
+            isinstance(f, np.ndarray) and f.shape[:2] == (self.height, self.width) for f in item.pending
+        ):
+            item.encoder.write(np.stack(item.pending))
+            if self._sink is not None:
+                self._sink.frames_written(len(item.pending))
+            item.pending.clear()
             return
         stacked = stack_frames(item.pending).to(self.device, non_blocking=True)
         item.pending.clear()

@@ -10,7 +10,7 @@ from pathlib import Path
 import av
 import av.error
 import numpy as np
-from av.video.reformatter import ColorRange, Colorspace
+from av.video.reformatter import ColorRange, Colorspace, Interpolation
 
 
 class SourceError(Exception):
@@ -36,18 +36,26 @@ class SourceFrame:
     seconds: Fraction
     duration_seconds: Fraction | None
 
-    def to_rgb(self) -> np.ndarray:
-        """(height, width, 3) uint8, full range, using the colour matrix the stream declares."""
+    def to_rgb(self, size: tuple[int, int] | None = None) -> np.ndarray:
+        """(height, width, 3) uint8, full range, using the colour matrix the stream declares.
+
+        `size` (width, height) scales in the same pass as the colour conversion, which on the CPU
+        costs far less than scaling the RGB picture afterwards.
+        """
         frame = self.frame
         colorspace = frame.colorspace
         if colorspace in (Colorspace.DEFAULT, 2):  # unspecified: HD is BT.709, SD is BT.601
             colorspace = Colorspace.ITU709 if frame.height >= 600 else Colorspace.ITU601
         color_range = frame.color_range if frame.color_range in (1, 2) else ColorRange.MPEG
+        width, height = size if size is not None else (None, None)
         return frame.to_ndarray(
             format="rgb24",
+            width=width,
+            height=height,
             src_colorspace=colorspace,
             src_color_range=color_range,
             dst_color_range=ColorRange.JPEG,
+            interpolation=Interpolation.BICUBIC,
         )
 
 

@@ -40,3 +40,53 @@ def test_the_matte_follows_the_picture() -> None:
     alpha = torch.zeros(1, 1, 90, 160)
     batch = Resize(64, 48, "crop")(FrameBatch(rgb=image, alpha=alpha))
     assert batch.alpha is not None and batch.alpha.shape == (1, 1, 48, 64)
+
+
+def test_the_decoder_side_resize_matches_the_stage(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """On the CPU path the decoder scales while converting colours; the picture must be the same."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+    from skimage import data
+
+    from daemon.clips import Clip
+    from daemon.config import load_settings
+    from daemon.pipeline import ClipCutter
+
+    photo = data.astronaut()[64:352, :, :]  # 512x288: 16:9
+    source = tmp_path / "photo.mp4"
+    with av.open(str(source), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 512, 288, "yuv420p"
+        stream.options = {"crf": "10", "preset": "ultrafast"}
+        for index in range(3):
+            frame = av.VideoFrame.from_ndarray(photo, format="rgb24")
+            frame.pts, frame.time_base = index, Fraction(1, 30)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+    class Sink:
+        def clip_finished(self, result: object) -> None: ...
+
+        def frames_written(self, count: int) -> None: ...
+
+    for mode in ("crop", "pad", "stretch"):
+        settings = load_settings(
+            None,
+            {"output.width": 160, "output.height": 120, "output.resize_mode": mode, "encode.crf": 8,
+             "encode.preset": "ultrafast"},
+        )  # fmt: skip
+        stage = Resize(160, 120, mode)  # type: ignore[arg-type]
+        ClipCutter(settings, [stage], torch.device("cpu")).run(
+            source, mode, [Clip(0, 2)], tmp_path / "out", Sink()
+        )
+        with av.open(str(tmp_path / "out" / mode / f"{mode}_0000000_0000002.hevc")) as container:
+            made = next(container.decode(video=0)).to_ndarray(format="rgb24").astype(np.float64)
+        reference = stage(FrameBatch(rgb=torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 255)).rgb
+        expected = (reference[0].permute(1, 2, 0).numpy() * 255).astype(np.float64)
+        psnr = 10 * np.log10(255**2 / np.mean((made - expected) ** 2))
+        assert psnr > 24, (mode, psnr)  # filters and centring differ by under a pixel
+        # A crop window that slipped by a few pixels, or a stretch instead of a crop, scores far lower.
+        shifted = np.roll(expected, 4, axis=1)
+        assert 10 * np.log10(255**2 / np.mean((made - shifted) ** 2)) < psnr - 3, mode

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,11 @@ def scale(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     ).clamp_(0, 1)
 
 
+class ScalePlan(NamedTuple):
+    size: tuple[int, int]  # (width, height) to scale the whole frame to
+    window: tuple[int, int, int, int]  # (left, top, width, height) kept of the scaled frame
+
+
 class Resize:
     """Centre-crop to the target aspect then scale (`crop`), fit inside with borders (`pad`), or `stretch`."""
 
@@ -50,6 +55,24 @@ class Resize:
     def from_settings(cls, settings: Settings, device: torch.device) -> Resize:
         out = settings.output
         return cls(out.width, out.height, out.resize_mode, parse_color(out.pad_color))
+
+    def plan(self, width: int, height: int) -> ScalePlan:
+        """How a decoder that can scale should do this resize: scale to `size`, then keep `window`.
+
+        `crop` scales to cover the target and keeps the centre; `pad` scales to fit inside and
+        leaves the borders to `__call__`; `stretch` scales straight to the target.
+        """
+        if self.mode == "stretch":
+            return ScalePlan((self.width, self.height), (0, 0, self.width, self.height))
+        fit = min if self.mode == "pad" else max
+        ratio = fit(self.width / width, self.height / height)
+        scaled_w, scaled_h = round(width * ratio), round(height * ratio)
+        if self.mode == "pad":
+            scaled_w, scaled_h = min(self.width, max(1, scaled_w)), min(self.height, max(1, scaled_h))
+            return ScalePlan((scaled_w, scaled_h), (0, 0, scaled_w, scaled_h))
+        scaled_w, scaled_h = max(self.width, scaled_w), max(self.height, scaled_h)
+        left, top = (scaled_w - self.width) // 2, (scaled_h - self.height) // 2
+        return ScalePlan((scaled_w, scaled_h), (left, top, self.width, self.height))
 
     def __call__(self, batch: FrameBatch) -> FrameBatch:
         batch.rgb = self._apply(batch.rgb, self.pad_color)
