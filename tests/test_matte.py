@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -77,3 +79,33 @@ def test_a_fixed_downsample_ratio_is_used_as_given(matte: Matte) -> None:
     assert coarse is not None and automatic is not None
     assert not torch.allclose(coarse, automatic, atol=1e-3)
     assert np.isfinite(coarse.numpy()).all()
+
+
+class _FrameCounter(torch.nn.Module):
+    """RVM's TorchScript signature; its matte is the number of frames seen before, in tenths."""
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        r1: torch.Tensor | None = None,
+        r2: torch.Tensor | None = None,
+        r3: torch.Tensor | None = None,
+        r4: torch.Tensor | None = None,
+        downsample_ratio: float = 1.0,
+    ) -> list[torch.Tensor]:
+        seen = torch.zeros(1, 1, 1, 1) if r1 is None else r1 + 1
+        alpha = (seen / 10).expand(src.shape[0], 1, src.shape[2], src.shape[3])
+        return [src, alpha, seen, seen, seen, seen]
+
+
+def test_a_torchscript_checkpoint_gets_its_recurrent_state_back_each_frame(tmp_path: Path) -> None:
+    path = tmp_path / "counter.torchscript"
+    torch.jit.script(_FrameCounter()).save(str(path))
+    stage = Matte(load_matting_model(str(path), CPU))
+    clip: dict[str, object] = {}
+    first = stage(FrameBatch(torch.rand(2, 3, 8, 8), state=clip)).alpha
+    second = stage(FrameBatch(torch.rand(1, 3, 8, 8), state=clip)).alpha
+    fresh = stage(FrameBatch(torch.rand(1, 3, 8, 8), state={})).alpha
+    assert first is not None and second is not None and fresh is not None
+    seen = [round(float(a.mean()) * 10) for a in (*first, *second, *fresh)]
+    assert seen == [0, 1, 2, 0]

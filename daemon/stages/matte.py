@@ -111,8 +111,11 @@ def load_matting_model(model: str, device: torch.device, threads: int = 0) -> Ma
         runner = OnnxRvm(path, device, threads)
     else:
         runner = TorchScriptRvm(path, device)
-    with torch.inference_mode():
-        alpha, _ = runner(torch.rand(1, 3, 64, 64, device=device), None, 1.0)
+    try:
+        with torch.inference_mode():
+            alpha, _ = runner(torch.rand(1, 3, 64, 64, device=device), None, 1.0)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime and TorchScript raise their own kinds
+        raise ValueError(f"matte.model: {path}: fails on a test frame ({exc})") from exc
     if tuple(alpha.shape) != (1, 1, 64, 64):
         raise ValueError(f"matte.model: {path}: a test frame gave alpha of shape {tuple(alpha.shape)}")
     return runner

@@ -50,9 +50,11 @@ def load_model(model: str, device: torch.device, half: bool) -> Any:
     descriptor.eval()
     if half and device.type == "cuda" and descriptor.supports_half:
         descriptor.half()
-    with torch.inference_mode():
-        probe = torch.rand(1, 3, 16, 16, device=device, dtype=_dtype(descriptor))
-        result = descriptor(probe)
+    try:
+        with torch.inference_mode():
+            result = descriptor(torch.rand(1, 3, 16, 16, device=device, dtype=_dtype(descriptor)))
+    except RuntimeError as exc:
+        raise ValueError(f"upscale.model: {path}: fails on a test frame ({exc})") from exc
     expected = (16 * descriptor.scale, 16 * descriptor.scale)
     if tuple(result.shape[-2:]) != expected or not torch.isfinite(result).all():
         raise ValueError(f"upscale.model: {path}: a test frame came back wrong ({tuple(result.shape)})")
