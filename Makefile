@@ -17,7 +17,7 @@ setup: $(STAMP)
 demo: $(STAMP)
 	rm -rf demo-output
 	$(BIN)/download_and_process --urls-file clips/demo-urls.txt --input-clip-dir clips \
-		--output-dir demo-output --workers 1 --start-delay 0
+		--output-dir demo-output --workers 1 --start-delay 0 --width 640 --height 360
 	@echo "vstreams:"; find demo-output -name '*.hevc' | sort
 
 test: $(STAMP)

@@ -182,7 +182,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         for source in url_list.sources:
             supervisor.submit(source)
-        supervisor.run_until_idle()
+        supervisor.run_until_idle(should_continue=progress.tick)
     finally:
         supervisor.close()
         progress.stop()

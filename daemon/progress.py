@@ -18,6 +18,7 @@ class FrameRate:
     def __init__(self, window_seconds: float = 30.0) -> None:
         self.window = window_seconds
         self.samples: deque[tuple[float, int]] = deque()
+        self.started = time.monotonic()
 
     def add(self, count: int) -> None:
         self.samples.append((time.monotonic(), count))
@@ -26,9 +27,8 @@ class FrameRate:
         now = time.monotonic()
         while self.samples and now - self.samples[0][0] > self.window:
             self.samples.popleft()
-        if not self.samples:
-            return 0.0
-        span = max(now - self.samples[0][0], 1.0)
+        # Early on the window is only as long as the run so far.
+        span = max(min(self.window, now - self.started), 1.0)
         return sum(count for _, count in self.samples) / span
 
 
@@ -77,6 +77,11 @@ class ProgressView:
                 f"progress: {self.finished}/{self.total} URLs, {self.clips} clips, "
                 f"{self.rate.value():.1f} frames/s"
             )
+
+    def tick(self) -> bool:
+        """Called from the supervisor's loop, so the display moves between events too."""
+        self.refresh()
+        return True
 
     def stop(self) -> None:
         if self._progress is not None:
