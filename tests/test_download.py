@@ -94,3 +94,59 @@ def test_a_larger_file_than_allowed_is_abandoned(server: MediaServer, video: Pat
         download(server.add("big.mp4", video), tmp_path / "dl", tiny.download, tiny.output)
     assert caught.value.kind == "permanent" and "max_filesize_mb" in str(caught.value)
     assert not list((tmp_path / "dl").glob("*.mp4"))
+
+
+def _chosen_format(options: dict[str, object], formats: list[dict[str, object]]) -> str:
+    """Let yt-dlp's own selector pick from a made-up format list, without any network."""
+    import yt_dlp
+
+    info = {
+        "id": "x",
+        "title": "x",
+        "extractor": "test",
+        "extractor_key": "Test",
+        "webpage_url": "http://x/x",
+    }
+    with yt_dlp.YoutubeDL({**options, "simulate": True, "quiet": True}) as ydl:
+        chosen = ydl.process_ie_result({**info, "formats": formats}, download=False)
+    return str(chosen["format_id"])
+
+
+def test_the_default_format_is_the_smallest_video_only_stream_as_tall_as_the_output(tmp_path: Path) -> None:
+    from daemon.download import ytdlp_options
+
+    formats = [
+        {"format_id": f"{h}v", "url": f"http://x/{h}v", "ext": "mp4", "height": h, "width": h * 16 // 9,
+         "vcodec": "avc1", "acodec": "none", "tbr": h * 3}
+        for h in (360, 480, 720, 1080, 2160)
+    ] + [{"format_id": "720av", "url": "http://x/720av", "ext": "mp4", "height": 720, "width": 1280,
+          "vcodec": "avc1", "acodec": "mp4a", "tbr": 2000}]  # fmt: skip
+    options = ytdlp_options(SETTINGS.download, SETTINGS.output, tmp_path)
+    assert _chosen_format(options, formats) == "720v"
+    tall = load_settings(None, {"output.height": 1440, "output.width": 2560})
+    assert _chosen_format(ytdlp_options(tall.download, tall.output, tmp_path), formats) == "2160v"
+    small_only = [f for f in formats if f["height"] in (360, 480)]
+    assert _chosen_format(options, small_only) == "480v"  # nothing tall enough: the best there is
+
+
+def test_settings_for_large_runs_reach_yt_dlp(tmp_path: Path) -> None:
+    from daemon.download import ytdlp_options
+
+    cookies = tmp_path / "cookies.txt"
+    cookies.write_text("# Netscape HTTP Cookie File\n")
+    settings = load_settings(
+        None,
+        {
+            "download.cookies_file": str(cookies),
+            "download.proxy": "socks5://127.0.0.1:1080",
+            "download.rate_limit": "5M",
+            "download.sleep_interval_seconds": 2.5,
+            "download.extra_options": {"geo_bypass": True, "retries": 4},
+        },
+    )
+    options = ytdlp_options(settings.download, settings.output, tmp_path)
+    assert options["cookiefile"] == str(cookies)
+    assert options["proxy"] == "socks5://127.0.0.1:1080"
+    assert options["ratelimit"] == 5 * 1024 * 1024
+    assert options["sleep_interval_requests"] == 2.5
+    assert options["geo_bypass"] is True and options["retries"] == 4  # extra options win
