@@ -270,6 +270,9 @@ class Notifier:
             import sdnotify
 
             self._notifier = sdnotify.SystemdNotifier()
+            if self._notifier.socket is not None:
+                # A listener that stops reading must not stall the service; a lost STATUS= is harmless.
+                self._notifier.socket.setblocking(False)
 
     def send(self, *lines: str) -> None:
         if self._notifier is not None:
