@@ -21,7 +21,8 @@ demo: $(STAMP)
 	@echo "vstreams:"; find demo-output -name '*.hevc' | sort
 
 test: $(STAMP)
-	$(BIN)/ruff check daemon tests bench
+	$(BIN)/ruff check daemon tests bench scripts
+	$(BIN)/ruff format --check daemon tests bench scripts
 	$(BIN)/mypy daemon
 	$(BIN)/pytest -q
 

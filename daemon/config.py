@@ -185,6 +185,7 @@ class GpuSettings(_Section):
     slot_dir: str = ""  # where the slot lock files live; default: <system temp>/download_and_process-gpu
     probe_timeout_seconds: float = Field(60.0, gt=0)
 
+
 class Settings(_Section):
     run: RunSettings = RunSettings()
     clips: ClipSettings = ClipSettings()

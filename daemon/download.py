@@ -182,7 +182,7 @@ def _download_once(url: str, options: dict[str, Any], folder: Path) -> Path:
         if limit:
             raise DownloadFailure(
                 url,
-                f"larger than download.max_filesize_mb ({limit / 1024 / 1024:g} MB); abandoned",
+                f"larger than download.max_filesize_mb ({limit / 1024 / 1024:.3g} MB); abandoned",
                 "permanent",
             )
         raise DownloadFailure(url, "yt-dlp finished but wrote no file", "transient")

@@ -10,7 +10,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from loguru import logger
 
 from daemon.clips import Clip
 from daemon.config import Settings
@@ -244,8 +243,12 @@ class ClipCutter:
     def _flush(self, item: _ClipWork) -> None:
         if not item.pending:
             return
-        if self._passthrough and not getattr(item.encoder, "takes_device_tensors", False) and all(
-            isinstance(f, np.ndarray) and f.shape[:2] == (self.height, self.width) for f in item.pending
+        if (
+            self._passthrough
+            and not getattr(item.encoder, "takes_device_tensors", False)
+            and all(
+                isinstance(f, np.ndarray) and f.shape[:2] == (self.height, self.width) for f in item.pending
+            )
         ):
             item.encoder.write(np.stack(item.pending))
             if self._sink is not None:
@@ -276,14 +279,24 @@ class ClipCutter:
     def _finish(self, item: _ClipWork, video_id: str) -> ClipResult:
         clip = item.timeline.clip
         expected = item.timeline.frame_count
+        # The main stream first: a clip whose main stream failed must not leave its matte behind,
+        # and one whose matte failed is removed whole, so the next run makes both again.
         try:
-            for extra in item.extra_encoders.values():
-                extra.finish(expected)
             size = item.encoder.finish(expected)
         except (EncodeError, OSError) as exc:
             item.encoder.abort()
-            logger.error(f"{video_id} clip {clip.start_frame} {clip.end_frame}: {exc}")
-            return ClipResult(clip.start_frame, clip.end_frame, None, 0, 0, error=str(exc))
+            for extra in item.extra_encoders.values():
+                extra.abort()
+            return ClipResult(clip.start_frame, clip.end_frame, None, 0, 0, error=f"{video_id}: {exc}")
+        try:
+            for extra in item.extra_encoders.values():
+                extra.finish(expected)
+        except (EncodeError, OSError) as exc:
+            for extra in item.extra_encoders.values():
+                extra.abort()
+                extra.path.unlink(missing_ok=True)
+            item.path.unlink(missing_ok=True)
+            return ClipResult(clip.start_frame, clip.end_frame, None, 0, 0, error=f"{video_id}: {exc}")
         return ClipResult(clip.start_frame, clip.end_frame, str(item.path), expected, size)
 
 

@@ -17,7 +17,10 @@ from skimage import data
 WIDTH, HEIGHT, FPS, SECONDS = 640, 360, 30, 6
 
 
-def main(path: Path = Path(__file__).resolve().parent.parent / "clips" / "demo.mp4") -> None:
+DEMO_PATH = Path(__file__).resolve().parent.parent / "clips" / "demo.mp4"
+
+
+def main(path: Path = DEMO_PATH) -> None:
     photo = torch.from_numpy(data.astronaut()).permute(2, 0, 1).float()[None] / 255  # 512x512
     big = F.interpolate(photo, size=(720, 720), mode="bicubic", align_corners=False).clamp(0, 1)
     frames = FPS * SECONDS

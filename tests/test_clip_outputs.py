@@ -1,0 +1,86 @@
+"""A clip's files appear whole or not at all, the main stream and its matte together."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+from daemon.clips import Clip
+from daemon.config import load_settings
+from daemon.encode import X265Encoder
+from daemon.pipeline import ClipCutter, ClipResult
+from daemon.stages import FrameBatch
+from daemon.stages.resize import Resize
+
+from media import make_video
+
+SETTINGS = load_settings(None, {"output.width": 128, "output.height": 80, "encode.preset": "ultrafast"})
+
+
+class BrightnessMatte:
+    """A stand-in matte stage: alpha is the picture's brightness."""
+
+    name = "matte"
+
+    def __call__(self, batch: FrameBatch) -> FrameBatch:
+        batch.alpha = batch.rgb.mean(dim=1, keepdim=True)
+        return batch
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.results: list[ClipResult] = []
+
+    def clip_finished(self, result: ClipResult) -> None:
+        self.results.append(result)
+
+    def frames_written(self, count: int) -> None: ...
+
+
+def cutter(vanishing_suffix: str | None) -> ClipCutter:
+    """Encoders whose `.part` file someone deletes just before it is renamed, for names ending so."""
+
+    def factory(path: Path, width: int, height: int, fps: Fraction) -> X265Encoder:
+        encoder = X265Encoder(path, width, height, fps, SETTINGS.encode)
+        if vanishing_suffix and path.name.endswith(vanishing_suffix):
+            original = encoder.finish
+
+            def finish(expected_frames: int) -> int:
+                encoder._container.close()
+                encoder.part_path.unlink()
+                return original(expected_frames)
+
+            encoder.finish = finish  # type: ignore[method-assign]
+        return encoder
+
+    device = torch.device("cpu")
+    made = ClipCutter(SETTINGS, [Resize(128, 80, "crop"), BrightnessMatte()], device, encoder_factory=factory)
+    made.write_alpha = True
+    return made
+
+
+def run(tmp_path: Path, vanishing_suffix: str | None) -> tuple[ClipResult, list[str]]:
+    source = make_video(tmp_path / "src.mp4", frames=20)
+    sink = Collect()
+    cutter(vanishing_suffix).run(source, "v", [Clip(0, 10)], tmp_path / "out", sink)
+    return sink.results[0], sorted(p.name for p in (tmp_path / "out" / "v").iterdir())
+
+
+def test_a_clip_with_a_matte_writes_both_streams(tmp_path: Path) -> None:
+    result, files = run(tmp_path, None)
+    assert result.error is None
+    assert files == ["v_0000000_0000010.alpha.hevc", "v_0000000_0000010.hevc"]
+
+
+def test_when_the_main_stream_fails_its_matte_is_not_left_behind(tmp_path: Path) -> None:
+    result, files = run(tmp_path, "_0000010.hevc")
+    assert result.path is None and result.error and result.error.startswith("v: ")
+    assert files == []
+
+
+def test_when_the_matte_fails_the_clip_is_removed_whole(tmp_path: Path) -> None:
+    result, files = run(tmp_path, ".alpha.hevc")
+    assert result.path is None and result.error
+    assert files == []
