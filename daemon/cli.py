@@ -152,14 +152,8 @@ def _run(args: argparse.Namespace) -> int:
     if not args.input_clip_dir.is_dir():
         raise UsageError(f"--input-clip-dir {args.input_clip_dir}: no such folder")
     paths = RunPaths.from_settings(settings, args.input_clip_dir, args.output_dir)
-    logs.configure(
-        "supervisor",
-        logs.supervisor_log_path(paths.log_dir),
-        settings.run.log_level,
-        json_lines=settings.run.log_json,
-        rotation=settings.run.log_rotation,
-        retention=settings.run.log_retention,
-        console=sys.stderr,
+    logs.configure_from_settings(
+        "supervisor", logs.supervisor_log_path(paths.log_dir), settings.run, console=sys.stderr
     )
     url_list = parse_url_list(args.urls_file.resolve())
     for problem in url_list.problems:

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import av
 import numpy as np
-from av.video.reformatter import ColorRange, Colorspace
+from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
 
 from daemon.config import EncodeSettings
 
@@ -82,6 +82,7 @@ class X265Encoder:
         context.color_trc = 1
         stream.options = {"preset": settings.preset, "x265-params": x265_params(settings)}
         self._stream = stream
+        self._reformatter = VideoReformatter()
         self._time_base = Fraction(1) / fps
 
     def write(self, frames: np.ndarray) -> None:
@@ -90,15 +91,25 @@ class X265Encoder:
                 frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="gray")
             else:
                 frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            frame = frame.reformat(
-                format="yuv420p",
-                dst_colorspace=Colorspace.ITU709,
-                dst_color_range=ColorRange.MPEG,
+            self._encode(
+                self._reformatter.reformat(
+                    frame,
+                    format="yuv420p",
+                    dst_colorspace=Colorspace.ITU709,
+                    dst_color_range=ColorRange.MPEG,
+                )
             )
-            frame.pts = self.frames_written
-            frame.time_base = self._time_base
-            self._container.mux(self._stream.encode(frame))
-            self.frames_written += 1
+
+    def write_video_frames(self, frames: list[av.VideoFrame]) -> None:
+        """Append frames already in BT.709 limited-range yuv420p at the output size."""
+        for frame in frames:
+            self._encode(frame)
+
+    def _encode(self, frame: av.VideoFrame) -> None:
+        frame.pts = self.frames_written
+        frame.time_base = self._time_base
+        self._container.mux(self._stream.encode(frame))
+        self.frames_written += 1
 
     def finish(self, expected_frames: int) -> int:
         self._container.mux(self._stream.encode(None))

@@ -10,6 +10,8 @@ from typing import TextIO
 
 from loguru import logger
 
+from daemon.config import RunSettings
+
 LINE_FORMAT = (
     "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {extra[worker]} | {extra[video_id]} | "
     "{extra[stage]} | {message}"
@@ -52,6 +54,20 @@ def configure(
         )
     if console is not None:
         logger.add(console, level=console_level or level, format=CONSOLE_FORMAT, colorize=console.isatty())
+
+
+def configure_from_settings(
+    name: str, log_file: Path, run: RunSettings, console: TextIO | None = None
+) -> None:
+    configure(
+        name,
+        log_file,
+        run.log_level,
+        json_lines=run.log_json,
+        rotation=run.log_rotation,
+        retention=run.log_retention,
+        console=console,
+    )
 
 
 def log_files(log_dir: Path, worker: int | None) -> list[Path]:

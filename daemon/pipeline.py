@@ -6,8 +6,9 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
+import av
 import numpy as np
 import torch
 
@@ -39,6 +40,8 @@ class ProgressSink(Protocol):
 
 
 EncoderFactory = Callable[[Path, int, int, Fraction], ClipEncoder]
+# A decoded picture on its way to a clip: RGB on the host or a device, or YUV ready to encode.
+Picture = np.ndarray | torch.Tensor | av.VideoFrame
 
 
 class ShownFrame(Protocol):
@@ -70,7 +73,7 @@ class _ClipWork:
     timeline: ClipTimeline
     path: Path
     encoder: ClipEncoder
-    pending: list[np.ndarray | torch.Tensor] = field(default_factory=list)
+    pending: list[Picture] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
     extra_encoders: dict[str, ClipEncoder] = field(default_factory=dict)
 
@@ -217,21 +220,41 @@ class ClipCutter:
         shown = schedule.take(source_frame.seconds, end, first)
         if not shown:
             return
-        rgb = self._to_rgb(source_frame)  # converted once, however many clips and repeats show it
+        items: list[tuple[_ClipWork, int]] = []
         for timeline, count in shown:
             item = work.get(timeline.clip)
             if item is None:
                 path = output_dir / video_id / timeline.clip.file_name(video_id)
                 encoder = self._encoder_factory(path, self.width, self.height, self.fps)
                 item = work[timeline.clip] = _ClipWork(timeline, path, encoder)
+            items.append((item, count))
+        # Converted once, however many clips and repeats show it.
+        picture = self._convert(source_frame, items[0][0].encoder)
+        for item, count in items:
+            timeline = item.timeline
             for _ in range(count):
-                item.pending.append(rgb)
+                item.pending.append(picture)
                 if len(item.pending) >= self.batch_size:
                     self._flush(item)
             if timeline.finished:
                 self._flush(item)
                 del work[timeline.clip]
                 report(self._finish(item, video_id))
+
+    def _convert(self, source_frame: ShownFrame, encoder: ClipEncoder) -> Picture:
+        """The frame as the next step wants it: YUV for the encoder when nothing else looks at it."""
+        if (
+            self._passthrough
+            and self._prescale is not None
+            and isinstance(source_frame, SourceFrame)
+            and isinstance(encoder, X265Encoder)  # every clip's encoder comes from the same factory
+            and self.height % 4 == 0
+        ):
+            frame = source_frame.frame
+            size, window = self._prescale.plan(frame.width, frame.height)
+            if window[2:] == (self.width, self.height):  # not `pad`: its borders are drawn in RGB
+                return source_frame.to_yuv420(size, window)
+        return self._to_rgb(source_frame)
 
     def _to_rgb(self, source_frame: ShownFrame) -> np.ndarray | torch.Tensor:
         if self._prescale is None or not isinstance(source_frame, SourceFrame):
@@ -241,22 +264,24 @@ class ClipCutter:
         return source_frame.to_rgb(size)[top : top + height, left : left + width]
 
     def _flush(self, item: _ClipWork) -> None:
-        if not item.pending:
+        pending, item.pending = item.pending, []
+        if not pending:
             return
+        if isinstance(pending[0], av.VideoFrame):
+            assert isinstance(item.encoder, X265Encoder)
+            item.encoder.write_video_frames(cast(list[av.VideoFrame], pending))
+            self._count(len(pending))
+            return
+        pictures = cast(list[np.ndarray | torch.Tensor], pending)
         if (
             self._passthrough
             and not getattr(item.encoder, "takes_device_tensors", False)
-            and all(
-                isinstance(f, np.ndarray) and f.shape[:2] == (self.height, self.width) for f in item.pending
-            )
+            and all(isinstance(f, np.ndarray) and f.shape[:2] == (self.height, self.width) for f in pictures)
         ):
-            item.encoder.write(np.stack(item.pending))
-            if self._sink is not None:
-                self._sink.frames_written(len(item.pending))
-            item.pending.clear()
+            item.encoder.write(np.stack(cast(list[np.ndarray], pictures)))
+            self._count(len(pictures))
             return
-        stacked = stack_frames(item.pending).to(self.device, non_blocking=True)
-        item.pending.clear()
+        stacked = stack_frames(pictures).to(self.device, non_blocking=True)
         batch = FrameBatch(rgb=stacked.permute(0, 3, 1, 2).float().div_(255), state=item.state)
         with torch.inference_mode():
             for stage in self.stages:
@@ -266,8 +291,7 @@ class ClipCutter:
                 f"stages produced {tuple(batch.rgb.shape[-2:])}, not {self.height}x{self.width}"
             )
         item.encoder.write(encoder_input(item.encoder, to_uint8(batch.rgb).permute(0, 2, 3, 1)))
-        if self._sink is not None:
-            self._sink.frames_written(batch.rgb.shape[0])
+        self._count(batch.rgb.shape[0])
         if batch.alpha is not None and self.write_alpha:
             alpha_encoder = item.extra_encoders.get("alpha")
             if alpha_encoder is None:
@@ -275,6 +299,10 @@ class ClipCutter:
                 alpha_encoder = self._encoder_factory(alpha_path, self.width, self.height, self.fps)
                 item.extra_encoders["alpha"] = alpha_encoder
             alpha_encoder.write(encoder_input(alpha_encoder, to_uint8(batch.alpha)[:, 0]))
+
+    def _count(self, frames: int) -> None:
+        if self._sink is not None:
+            self._sink.frames_written(frames)
 
     def _finish(self, item: _ClipWork, video_id: str) -> ClipResult:
         clip = item.timeline.clip

@@ -8,7 +8,6 @@ report. Lists still in `claimed/` at start-up are resumed, so a stop or a crash 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import queue
@@ -33,6 +32,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from daemon.config import Settings
+from daemon.locking import try_exclusive_lock
 from daemon.status import STATUS_FILE
 from daemon.supervisor import RunPaths, Supervisor, install_signal_handlers
 from daemon.urls import parse_url_list
@@ -133,14 +133,9 @@ class Inbox:
         for sub in (CLAIMED, DONE, FAILED):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
         lock_path = self.claimed / ".lock"
-        self._lock = lock_path.open("a+")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            self._lock.close()
-            raise InboxError(
-                f"another service already watches the inbox {self.folder} (lock {lock_path})"
-            ) from exc
+        self._lock = try_exclusive_lock(lock_path)
+        if self._lock is None:
+            raise InboxError(f"another service already watches the inbox {self.folder} (lock {lock_path})")
         # Watch first, then list: a file dropped in between is seen by one or the other, or both.
         self._observer = Observer()
         self._observer.schedule(_EventRelay(self.folder, self.events, self.wake_fd), str(self.folder))
@@ -491,14 +486,8 @@ def serve_command(args: Any) -> int:
     if inbox.exists() and not inbox.is_dir():
         raise UsageError(f"--inbox {inbox}: not a folder")
     paths = RunPaths.from_settings(settings, clip_dir, output_dir)
-    logs.configure(
-        "supervisor",
-        logs.supervisor_log_path(paths.log_dir),
-        settings.run.log_level,
-        json_lines=settings.run.log_json,
-        rotation=settings.run.log_rotation,
-        retention=settings.run.log_retention,
-        console=sys.stderr,
+    logs.configure_from_settings(
+        "supervisor", logs.supervisor_log_path(paths.log_dir), settings.run, console=sys.stderr
     )
     check_stages(settings)
     address = args.metrics_address if args.metrics_address is not None else service.metrics_address

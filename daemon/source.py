@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import av
 import av.error
 import numpy as np
-from av.video.reformatter import ColorRange, Colorspace, Interpolation
+from av.video.reformatter import ColorRange, Colorspace, Interpolation, VideoReformatter
 
 
 class SourceError(Exception):
@@ -35,6 +36,8 @@ class SourceFrame:
     frame: av.VideoFrame
     seconds: Fraction
     duration_seconds: Fraction | None
+    # Shared by every frame of a source: a scaler context is costly to set up for each frame.
+    reformatter: VideoReformatter = field(default_factory=VideoReformatter)
 
     def to_rgb(self, size: tuple[int, int] | None = None) -> np.ndarray:
         """(height, width, 3) uint8, full range, using the colour matrix the stream declares.
@@ -42,13 +45,10 @@ class SourceFrame:
         `size` (width, height) scales in the same pass as the colour conversion, which on the CPU
         costs far less than scaling the RGB picture afterwards.
         """
-        frame = self.frame
-        colorspace = frame.colorspace
-        if colorspace in (Colorspace.DEFAULT, 2):  # unspecified: HD is BT.709, SD is BT.601
-            colorspace = Colorspace.ITU709 if frame.height >= 600 else Colorspace.ITU601
-        color_range = frame.color_range if frame.color_range in (1, 2) else ColorRange.MPEG
+        colorspace, color_range = self._declared_colour()
         width, height = size if size is not None else (None, None)
-        return frame.to_ndarray(
+        rgb = self.reformatter.reformat(
+            self.frame,
             format="rgb24",
             width=width,
             height=height,
@@ -57,6 +57,54 @@ class SourceFrame:
             dst_color_range=ColorRange.JPEG,
             interpolation=Interpolation.BICUBIC,
         )
+        return rgb.to_ndarray()
+
+    def _declared_colour(self) -> tuple[int, int]:
+        frame = self.frame
+        colorspace = frame.colorspace
+        if colorspace in (Colorspace.DEFAULT, 2):  # unspecified: HD is BT.709, SD is BT.601
+            colorspace = Colorspace.ITU709 if frame.height >= 600 else Colorspace.ITU601
+        color_range = frame.color_range if frame.color_range in (1, 2) else ColorRange.MPEG
+        return colorspace, color_range
+
+    def to_yuv420(self, size: tuple[int, int], window: tuple[int, int, int, int]) -> av.VideoFrame:
+        """Scaled to `size`, then cut to `window` (left, top, width, height), staying in yuv420p.
+
+        One pass that scales and converts to BT.709 limited range, and no RGB round trip: what the
+        encoder needs when no stage looks at the pixels.
+        """
+        width, height = size
+        colorspace, color_range = self._declared_colour()
+        scaled = self.reformatter.reformat(
+            self.frame,
+            width=width,
+            height=height,
+            format="yuv420p",
+            src_colorspace=colorspace,
+            dst_colorspace=Colorspace.ITU709,
+            src_color_range=color_range,
+            dst_color_range=ColorRange.MPEG,
+            # Exact rounding: without it converting between YUV matrices drifts by several levels.
+            interpolation=Interpolation.BICUBIC | Interpolation.ACCURATE_RND,
+        )
+        left, top, out_width, out_height = window
+        if (left, top, out_width, out_height) != (0, 0, width, height):
+            left, top = left & ~1, top & ~1  # chroma is subsampled by two
+            planes = [_plane(scaled, 0)[top : top + out_height, left : left + out_width]]
+            for index in (1, 2):
+                chroma = _plane(scaled, index)
+                planes.append(chroma[top // 2 : (top + out_height) // 2, left // 2 : (left + out_width) // 2])
+            packed = np.concatenate([plane.reshape(-1) for plane in planes]).reshape(-1, out_width)
+            scaled = av.VideoFrame.from_ndarray(packed, format="yuv420p")
+        scaled.colorspace = Colorspace.ITU709
+        scaled.color_range = ColorRange.MPEG
+        return scaled
+
+
+def _plane(frame: av.VideoFrame, index: int) -> np.ndarray:
+    plane = frame.planes[index]
+    rows = np.frombuffer(memoryview(plane), np.uint8).reshape(plane.height, plane.line_size)
+    return rows[:, : plane.width]
 
 
 class VideoSource:
@@ -78,6 +126,7 @@ class VideoSource:
         if self.stream.time_base is None:
             raise SourceError(f"{path.name}: video stream has no time base")
         self.time_base = Fraction(self.stream.time_base)
+        self._reformatter = VideoReformatter()
         start = self.stream.start_time
         self._origin = start if start is not None else 0
         rate = self.stream.average_rate or self.stream.guessed_rate
@@ -117,18 +166,15 @@ class VideoSource:
         Seeks to the keyframe at or before `from_seconds`; if the container's index put us past it,
         falls back to decoding from the start so no frame on screen at `from_seconds` is missed.
         """
-        if from_seconds > 0:
-            self._seek(from_seconds)
-            iterator = self._decode()
-            first = next(iterator, None)
-            if first is None or first.seconds <= from_seconds:
-                if first is not None:
-                    yield first
-                yield from iterator
-                return
-            iterator.close()
+        return decode_from(from_seconds, self._decode_after_seek, self._decode_from_start)
+
+    def _decode_after_seek(self, seconds: Fraction) -> Generator[SourceFrame, None, None]:
+        self._seek(seconds)
+        return self._decode()
+
+    def _decode_from_start(self) -> Generator[SourceFrame, None, None]:
         self._seek(Fraction(0))
-        yield from self._decode()
+        return self._decode()
 
     def _seek(self, seconds: Fraction) -> None:
         target = int(seconds / self.time_base) + self._origin
@@ -148,13 +194,48 @@ class VideoSource:
                     continue  # duplicate or out-of-order timestamps: the first one wins
                 last_pts = pts
                 duration = Fraction(frame.duration) * self.time_base if frame.duration else None
-                yield SourceFrame(frame, Fraction(pts - self._origin) * self.time_base, duration)
+                yield SourceFrame(
+                    frame, Fraction(pts - self._origin) * self.time_base, duration, self._reformatter
+                )
         except av.error.FFmpegError as exc:
             raise SourceError(f"{self.path.name}: decoding failed: {exc}") from exc
 
     @property
     def nominal_frame_seconds(self) -> Fraction:
         return self._nominal_frame_seconds
+
+
+class _Timed(Protocol):
+    seconds: Fraction
+
+
+Frame = TypeVar("Frame", bound=_Timed)
+
+
+def decode_from(
+    from_seconds: Fraction,
+    after_seek: Callable[[Fraction], Iterator[Frame] | None],
+    from_start: Callable[[], Iterator[Frame]],
+) -> Generator[Frame, None, None]:
+    """Frames from the one on screen at `from_seconds` on, for any decoder that can seek.
+
+    `after_seek` decodes from the keyframe the index puts at or before that moment (None when it
+    cannot seek). An index can be wrong: if the first frame lands after the moment, decoding starts
+    again from the beginning, so the frame on screen then is never missed.
+    """
+    if from_seconds > 0:
+        iterator = after_seek(from_seconds)
+        if iterator is not None:
+            first = next(iterator, None)
+            if first is None or first.seconds <= from_seconds:
+                if first is not None:
+                    yield first
+                yield from iterator
+                return
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+    yield from from_start()
 
 
 def probe(path: Path) -> SourceInfo:

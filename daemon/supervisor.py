@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
@@ -25,6 +24,7 @@ from daemon.config import Settings
 from daemon.diskspace import DiskGate, Floor
 from daemon.encode import PART_SUFFIX, remove_partial_files
 from daemon.ledger import Ledger
+from daemon.locking import try_exclusive_lock
 from daemon.urls import Source
 from daemon.worker import Task, WorkerPaths, worker_main
 
@@ -145,14 +145,9 @@ class Supervisor:
         self.paths.output_dir.mkdir(parents=True, exist_ok=True)
         self.paths.state_dir.mkdir(parents=True, exist_ok=True)
         lock_path = self.paths.state_dir / LOCK_NAME
-        self._lock_handle = lock_path.open("a+")
-        try:
-            fcntl.flock(self._lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            self._lock_handle.close()
-            raise AlreadyRunning(
-                f"another run is already using {self.paths.state_dir} (lock {lock_path})"
-            ) from exc
+        self._lock_handle = try_exclusive_lock(lock_path)
+        if self._lock_handle is None:
+            raise AlreadyRunning(f"another run is already using {self.paths.state_dir} (lock {lock_path})")
         self.ledger = Ledger(self.paths.state_dir / LEDGER_NAME)
         recovered = self.ledger.recover_interrupted()
         if recovered:

@@ -181,13 +181,8 @@ def worker_main(index: int, conn: Any, settings: Settings, paths: WorkerPaths) -
     # Ctrl-C reaches the whole process group; the supervisor decides how workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminate)
-    logs.configure(
-        f"worker-{index}",
-        logs.worker_log_path(Path(paths.log_dir), index),
-        settings.run.log_level,
-        json_lines=settings.run.log_json,
-        rotation=settings.run.log_rotation,
-        retention=settings.run.log_retention,
+    logs.configure_from_settings(
+        f"worker-{index}", logs.worker_log_path(Path(paths.log_dir), index), settings.run
     )
     temp = Path(paths.temp_dir)
     temp.mkdir(parents=True, exist_ok=True)

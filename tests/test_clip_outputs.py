@@ -84,3 +84,50 @@ def test_when_the_matte_fails_the_clip_is_removed_whole(tmp_path: Path) -> None:
     result, files = run(tmp_path, ".alpha.hevc")
     assert result.path is None and result.error
     assert files == []
+
+
+def flat_video(path: Path, width: int, height: int, colorspace: int) -> Path:
+    """Two seconds of one orange, encoded with the given YUV matrix and tagged with it."""
+    import av
+    import numpy as np
+    from av.video.reformatter import ColorRange
+
+    orange = np.zeros((height, width, 3), np.uint8)
+    orange[:] = (220, 120, 30)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.colorspace = colorspace
+        stream.codec_context.color_range = ColorRange.MPEG
+        stream.options = {"preset": "ultrafast", "crf": "10"}
+        for index in range(60):
+            frame = av.VideoFrame.from_ndarray(orange, format="rgb24").reformat(
+                format="yuv420p", dst_colorspace=colorspace, dst_color_range=ColorRange.MPEG
+            )
+            frame.pts, frame.time_base = index, Fraction(1, 30)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+def test_colours_survive_whatever_matrix_the_source_uses(tmp_path: Path) -> None:
+    """Outputs are BT.709; an SD source in BT.601 is converted, not relabelled."""
+    import av
+    import numpy as np
+    from av.video.reformatter import Colorspace
+
+    for name, size, colorspace in [
+        ("sd", (320, 240), Colorspace.ITU601),
+        ("hd", (1280, 720), Colorspace.ITU709),
+    ]:
+        source = flat_video(tmp_path / f"{name}.mp4", *size, colorspace)
+        sink = Collect()
+        ClipCutter(SETTINGS, [Resize(128, 80, "crop")], torch.device("cpu")).run(
+            source, name, [Clip(0, 5)], tmp_path / "out", sink
+        )
+        with av.open(sink.results[0].path or "") as container:
+            frame = next(container.decode(video=0))
+        assert frame.colorspace == Colorspace.ITU709
+        rgb = frame.to_ndarray(format="rgb24", src_colorspace=Colorspace.ITU709).reshape(-1, 3).mean(axis=0)
+        # Relabelling BT.601 samples as BT.709 would be 8 levels off in red.
+        assert np.abs(rgb - (220, 120, 30)).max() < 4, (name, rgb)

@@ -26,7 +26,7 @@ import torch
 from daemon.config import EncodeSettings
 from daemon.encode import PART_SUFFIX, EncodeError
 from daemon.gpu.color import nv12_to_rgb, rgb_to_nv12
-from daemon.source import VideoSource
+from daemon.source import VideoSource, decode_from
 
 # What NVDEC decodes to NV12 (8-bit 4:2:0), with its size limits: (min w, min h, max w, max h).
 # From NVIDIA's NVDEC support matrix for Turing and later; older parts fail at decoder creation
@@ -113,18 +113,11 @@ class NvdecSource:
         return self._meta.nominal_frame_seconds
 
     def frames(self, from_seconds: Fraction = Fraction(0)) -> Generator[GpuFrame, None, None]:
-        if from_seconds > 0:
-            key_pts = self._keyframe_pts(from_seconds)
-            if key_pts is not None:
-                iterator = self._decode(key_pts)
-                first = next(iterator, None)
-                if first is None or first.seconds <= from_seconds:
-                    if first is not None:
-                        yield first
-                    yield from iterator
-                    return
-                iterator.close()
-        yield from self._decode(None)
+        return decode_from(from_seconds, self._decode_after_seek, lambda: self._decode(None))
+
+    def _decode_after_seek(self, seconds: Fraction) -> Generator[GpuFrame, None, None] | None:
+        key_pts = self._keyframe_pts(seconds)
+        return None if key_pts is None else self._decode(key_pts)
 
     def _keyframe_pts(self, seconds: Fraction) -> int | None:
         """Presentation time stamp of the keyframe the container's index puts at or before `seconds`."""
