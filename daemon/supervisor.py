@@ -118,6 +118,7 @@ class Supervisor:
         self.on_event = on_event or (lambda kind, data: None)
         self.totals = Totals()
         self.queue: deque[Task] = deque()
+        self._queued_urls: set[str] = set()  # the queue's URLs, for duplicate checks in constant time
         self.workers: dict[int, _WorkerHandle] = {}
         self.draining = False
         self.urgent = False
@@ -172,7 +173,7 @@ class Supervisor:
         """Record a source and queue what is missing of it; returns 'queued' or its final state."""
         assert self.ledger is not None
         row = self.ledger.add_url(source.url, source.video_id, source.list_path)
-        if row.state == "running" or any(t.url == source.url for t in self.queue):
+        if row.state == "running" or source.url in self._queued_urls:
             return "queued"
         if row.state == "failed" and not row.retryable and not self.settings.run.retry_failed:
             logger.warning(f"{source.url}: failed earlier, not retried ({row.error}); use --retry-failed")
@@ -198,6 +199,7 @@ class Supervisor:
         if row.state == "failed":
             self.ledger.reset_crashes(source.url)
         self.ledger.set_pending(source.url)
+        self._queued_urls.add(source.url)
         self.queue.append(
             Task(
                 url=source.url,
@@ -299,6 +301,7 @@ class Supervisor:
             handle.idle = True
             return
         task = self.queue.popleft()
+        self._queued_urls.discard(task.url)
         handle.task, handle.idle, handle.stage = task, False, "queued"
         self.ledger.mark_running(task.url, handle.index)
         handle.conn.send({"type": "task", "task": asdict(task)})
@@ -394,6 +397,7 @@ class Supervisor:
                 )
                 self.ledger.set_pending(task.url)
                 self.queue.appendleft(task)
+                self._queued_urls.add(task.url)
         elif not handle.stop_sent:
             logger.warning(f"worker {handle.index} died ({how}) while idle")
         if not self.draining and not handle.stop_sent:
