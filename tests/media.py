@@ -9,6 +9,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from daemon.pipeline import ClipResult
+
 BITS = 10  # horizontal bands, most significant on top: up to 1024 distinct frames
 
 
@@ -86,3 +88,17 @@ def frame_times(path: Path) -> list[Fraction]:
         stream = container.streams.video[0]
         origin = stream.start_time or 0
         return [Fraction(f.pts - origin) * Fraction(stream.time_base) for f in container.decode(stream)]
+
+
+class CollectedClips:
+    """A progress sink for ClipCutter.run that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.results: list[ClipResult] = []
+        self.frames = 0
+
+    def clip_finished(self, result: ClipResult) -> None:
+        self.results.append(result)
+
+    def frames_written(self, count: int) -> None:
+        self.frames += count

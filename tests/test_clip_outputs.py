@@ -14,7 +14,7 @@ from daemon.pipeline import ClipCutter, ClipResult
 from daemon.stages import FrameBatch
 from daemon.stages.resize import Resize
 
-from media import make_video
+from media import CollectedClips, make_video
 
 SETTINGS = load_settings(None, {"output.width": 128, "output.height": 80, "encode.preset": "ultrafast"})
 
@@ -27,16 +27,6 @@ class BrightnessMatte:
     def __call__(self, batch: FrameBatch) -> FrameBatch:
         batch.alpha = batch.rgb.mean(dim=1, keepdim=True)
         return batch
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.results: list[ClipResult] = []
-
-    def clip_finished(self, result: ClipResult) -> None:
-        self.results.append(result)
-
-    def frames_written(self, count: int) -> None: ...
 
 
 def cutter(vanishing_suffix: str | None) -> ClipCutter:
@@ -63,7 +53,7 @@ def cutter(vanishing_suffix: str | None) -> ClipCutter:
 
 def run(tmp_path: Path, vanishing_suffix: str | None) -> tuple[ClipResult, list[str]]:
     source = make_video(tmp_path / "src.mp4", frames=20)
-    sink = Collect()
+    sink = CollectedClips()
     cutter(vanishing_suffix).run(source, "v", [Clip(0, 10)], tmp_path / "out", sink)
     return sink.results[0], sorted(p.name for p in (tmp_path / "out" / "v").iterdir())
 
@@ -121,7 +111,7 @@ def test_colours_survive_whatever_matrix_the_source_uses(tmp_path: Path) -> None
         ("hd", (1280, 720), Colorspace.ITU709),
     ]:
         source = flat_video(tmp_path / f"{name}.mp4", *size, colorspace)
-        sink = Collect()
+        sink = CollectedClips()
         ClipCutter(SETTINGS, [Resize(128, 80, "crop")], torch.device("cpu")).run(
             source, name, [Clip(0, 5)], tmp_path / "out", sink
         )

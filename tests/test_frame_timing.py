@@ -14,19 +14,7 @@ from daemon.config import Settings, load_settings
 from daemon.pipeline import ClipCutter, ClipResult
 from daemon.stages import build_stages
 
-from media import decoded_indices, frame_times, make_video
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.results: list[ClipResult] = []
-        self.frames = 0
-
-    def clip_finished(self, result: ClipResult) -> None:
-        self.results.append(result)
-
-    def frames_written(self, count: int) -> None:
-        self.frames += count
+from media import CollectedClips, decoded_indices, frame_times, make_video
 
 
 def settings(**overrides: object) -> Settings:
@@ -38,7 +26,7 @@ def settings(**overrides: object) -> Settings:
 def cut(source: Path, clips: list[Clip], out: Path, config: Settings | None = None) -> dict[Clip, ClipResult]:
     config = config or settings()
     device = torch.device("cpu")
-    sink = Collect()
+    sink = CollectedClips()
     ClipCutter(config, build_stages(config, device), device).run(source, "vid", clips, out, sink)
     return {Clip(r.start_frame, r.end_frame): r for r in sink.results}
 

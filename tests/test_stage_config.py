@@ -10,11 +10,11 @@ import torch
 
 from daemon.clips import Clip
 from daemon.config import ConfigError, Settings, load_settings
-from daemon.pipeline import ClipCutter, ClipResult
+from daemon.pipeline import ClipCutter
 from daemon.stages import FrameBatch, build_stages
 
 from conftest import FAST_CONFIG, ROOT, run_cli
-from media import make_video, stream_info
+from media import CollectedClips, make_video, stream_info
 from server import MediaServer
 
 CPU = torch.device("cpu")
@@ -95,18 +95,6 @@ def test_upscale_off_loads_no_model_and_passes_frames_through() -> None:
     assert upscale(FrameBatch(frames)).rgb is frames
 
 
-class _Results:
-    def __init__(self) -> None:
-        self.results: list[ClipResult] = []
-        self.frames = 0
-
-    def clip_finished(self, result: ClipResult) -> None:
-        self.results.append(result)
-
-    def frames_written(self, count: int) -> None:
-        self.frames += count
-
-
 def test_upscale_and_matte_write_a_clip_and_its_alpha_stream_with_equal_frame_counts(tmp_path: Path) -> None:
     source = make_video(tmp_path / "small.mp4", frames=30, width=32, height=24)
     settings = load_settings(
@@ -121,7 +109,7 @@ def test_upscale_and_matte_write_a_clip_and_its_alpha_stream_with_equal_frame_co
     )
     cutter = ClipCutter(settings, build_stages(settings, CPU), CPU)
     assert cutter.write_alpha
-    sink = _Results()
+    sink = CollectedClips()
     outcome = cutter.run(source, "vid", [Clip(0, 10), Clip(12, 21)], tmp_path / "out", sink)
     assert [r.error for r in outcome.results] == [None, None]
     for clip, frames in ((Clip(0, 10), 10), (Clip(12, 21), 9)):
