@@ -27,6 +27,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import ColorRange, Colorspace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -42,7 +43,10 @@ OUT_W, OUT_H = 640, 360
 
 
 def make_source(path: Path, seconds: int) -> Path:
-    """A moving gradient with a counter-like pattern: cheap to make, not trivially compressible."""
+    """A moving gradient with a counter-like pattern: cheap to make, not trivially compressible.
+
+    Encoded and tagged as BT.709 limited range, as online video sources nearly always are.
+    """
     if path.exists():
         return path
     rng = np.random.default_rng(0)
@@ -52,6 +56,10 @@ def make_source(path: Path, seconds: int) -> Path:
         stream = container.add_stream("libx264", rate=SOURCE_FPS)
         stream.width, stream.height, stream.pix_fmt = SOURCE_W, SOURCE_H, "yuv420p"
         stream.options = {"preset": "ultrafast", "crf": "28", "g": "60"}
+        stream.codec_context.colorspace = Colorspace.ITU709
+        stream.codec_context.color_range = ColorRange.MPEG
+        stream.codec_context.color_primaries = 1
+        stream.codec_context.color_trc = 1
         for index in range(seconds * SOURCE_FPS):
             shift = (x + index * 4) % 256
             image = np.empty((SOURCE_H, SOURCE_W, 3), np.uint8)
@@ -60,7 +68,9 @@ def make_source(path: Path, seconds: int) -> Path:
             image[..., 2] = 255 - shift.astype(np.uint8)
             image[(index * 7) % SOURCE_H :: 37] = 255
             image += noise
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(
+                format="yuv420p", dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG
+            )
             frame.pts = index
             frame.time_base = Fraction(1, SOURCE_FPS)
             container.mux(stream.encode(frame))
@@ -68,10 +78,15 @@ def make_source(path: Path, seconds: int) -> Path:
     return path
 
 
-def clip_lines(seconds: int, clips: int, clip_seconds: int) -> list[tuple[int, int]]:
-    """`clips` clips of `clip_seconds`, spread evenly over the video (30 fps frame indices)."""
-    span = seconds - clip_seconds
-    starts = [round(span * i / max(1, clips - 1)) for i in range(clips)]
+def clip_lines(seconds: int, clips: int, clip_seconds: int, layout: str) -> list[tuple[int, int]]:
+    """`clips` clips of `clip_seconds` (30 fps frame indices): spread evenly over the video
+    (`sparse`), or back to back from the middle of it (`dense`, as in clip files cut from scenes)."""
+    if layout == "dense":
+        first = max(0, (seconds - clips * clip_seconds) // 2)
+        starts = [first + i * clip_seconds for i in range(clips)]
+    else:
+        span = seconds - clip_seconds
+        starts = [round(span * i / max(1, clips - 1)) for i in range(clips)]
     return [(s * 30, (s + clip_seconds) * 30) for s in starts]
 
 
@@ -188,20 +203,21 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=8)
     parser.add_argument("--clip-seconds", type=int, default=4)
     parser.add_argument("--preset", default="ultrafast")
+    parser.add_argument("--layout", choices=("sparse", "dense"), default="sparse")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "dap-bench")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or 'unknown CPU'}")
     print(
         f"source {SOURCE_W}x{SOURCE_H} H.264 {SOURCE_FPS} fps -> {OUT_W}x{OUT_H} HEVC, "
-        f"x265 preset {args.preset}, {args.clips} clips of {args.clip_seconds}s"
+        f"x265 preset {args.preset}, {args.clips} {args.layout} clips of {args.clip_seconds}s"
     )
     columns = ("source", "tool", "wall s", "frames", "fps", "peak RSS MB", "temp MB")
     print("{:>8} {:<22} {:>7} {:>7} {:>7} {:>12} {:>8}".format(*columns))
     for minutes in args.minutes:
         seconds = int(minutes * 60)
-        source = make_source(args.work / f"source-{seconds}s.mp4", seconds)
-        clips = clip_lines(seconds, args.clips, args.clip_seconds)
+        source = make_source(args.work / f"source-{seconds}s-bt709.mp4", seconds)
+        clips = clip_lines(seconds, args.clips, args.clip_seconds, args.layout)
         ours = run_pipeline(source, seconds, clips, args.preset, args.work)
         label = f"{minutes:g} min"
         print(

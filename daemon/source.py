@@ -75,6 +75,10 @@ class SourceFrame:
         """
         width, height = size
         colorspace, color_range = self._declared_colour()
+        interpolation = Interpolation.BICUBIC
+        if (colorspace, color_range) != (Colorspace.ITU709, ColorRange.MPEG):
+            # Exact rounding: without it, converting between YUV matrices drifts by several levels.
+            interpolation |= Interpolation.ACCURATE_RND
         scaled = self.reformatter.reformat(
             self.frame,
             width=width,
@@ -84,8 +88,7 @@ class SourceFrame:
             dst_colorspace=Colorspace.ITU709,
             src_color_range=color_range,
             dst_color_range=ColorRange.MPEG,
-            # Exact rounding: without it converting between YUV matrices drifts by several levels.
-            interpolation=Interpolation.BICUBIC | Interpolation.ACCURATE_RND,
+            interpolation=interpolation,
         )
         left, top, out_width, out_height = window
         if (left, top, out_width, out_height) != (0, 0, width, height):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from daemon.gpu.nvcodec import nvdec_unsupported_reason
-from daemon.gpu.probe import GpuProbe, GpuUnavailable, choose_backends, probe_gpu
+from daemon.gpu.probe import GpuProbe, GpuUnavailable, choose_backends, probe_gpu, probe_in_child
 
 from conftest import FAST_CONFIG, run_cli
 from media import decoded_indices, index_image, make_video
@@ -39,7 +39,7 @@ H100 = GpuProbe(
 
 
 def test_the_probe_runs_in_a_child_and_answers_plainly() -> None:
-    probe = probe_gpu(0, timeout_seconds=120)
+    probe = probe_in_child(0, timeout_seconds=120)
     if NO_DRIVER:
         assert not probe.has_cuda and not probe.nvdec_ok and not probe.nvenc_ok
         assert probe.cuda_reason.startswith("no NVIDIA driver")
@@ -49,9 +49,9 @@ def test_the_probe_runs_in_a_child_and_answers_plainly() -> None:
 
 
 def test_a_device_that_does_not_exist_is_a_reason_not_a_crash() -> None:
-    probe = probe_gpu(63, timeout_seconds=120)
-    assert not probe.has_cuda
-    assert probe.cuda_reason.startswith(("no NVIDIA driver", "no GPU"))
+    for probe in (probe_gpu(63, timeout_seconds=120), probe_in_child(63, timeout_seconds=120)):
+        assert not probe.has_cuda
+        assert probe.cuda_reason.startswith(("no NVIDIA driver", "no GPU"))
 
 
 def test_auto_without_a_gpu_runs_everything_on_the_cpu_and_says_why() -> None:

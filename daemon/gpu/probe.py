@@ -127,7 +127,17 @@ def _probe_here(device_id: int) -> GpuProbe:
 
 
 def probe_gpu(device_id: int, timeout_seconds: float = 60.0) -> GpuProbe:
-    """Run the probe in a fresh child process; whatever happens there comes back as a GpuProbe."""
+    """What this machine's GPU can do; whatever happens while finding out comes back as a GpuProbe."""
+    # Loading the driver library creates no device context, so it is safe here, and on a machine
+    # without a driver it answers at once instead of after a child interpreter has started.
+    no_driver = _driver_loadable()
+    if no_driver:
+        return GpuProbe(device_id, cuda_reason=no_driver, nvdec_reason=no_driver, nvenc_reason=no_driver)
+    return probe_in_child(device_id, timeout_seconds)
+
+
+def probe_in_child(device_id: int, timeout_seconds: float = 60.0) -> GpuProbe:
+    """The probe proper, in a fresh child process: a decoder made without a device ends its process."""
     command = [sys.executable, "-m", "daemon.gpu.probe", "--device", str(device_id)]
     # The child must find this package even when it runs from a checkout rather than an install.
     root = str(Path(__file__).resolve().parents[2])
