@@ -278,3 +278,22 @@ def test_python_dash_m_and_the_console_script_are_the_same_command() -> None:
         ).stdout,
     ]
     assert helps[0] == helps[1] and "logs" in helps[0]
+
+
+def test_a_truncated_file_fails_its_url_in_one_line_and_the_rest_goes_on(
+    server: MediaServer, workspace: dict[str, Path]
+) -> None:
+    whole = make_video(workspace["media"] / "whole.mp4", frames=60)
+    broken = server.add("broken.mp4", whole.read_bytes()[: whole.stat().st_size // 2])
+    fine = server.add("fine.mp4", whole)
+    workspace["urls"].write_text(f"{broken}\n{fine}\n")
+    (workspace["clips"] / "broken.txt").write_text("0 10\n")
+    (workspace["clips"] / "fine.txt").write_text("0 10\n")
+    result = run_cli(workspace)
+    assert result.returncode == 1
+    failure = [line for line in result.stderr.splitlines() if "failed:" in line and broken in line]
+    assert len(failure) == 1 and "broken.mp4: cannot open as video" in failure[0]
+    assert sorted(outputs(workspace)) == ["fine_0000000_0000010.hevc"]
+    row = ledger(workspace)["broken"]
+    assert (row["state"], row["retryable"]) == ("failed", 0)
+    assert list(workspace["temp"].iterdir()) == []  # the broken download was deleted too
