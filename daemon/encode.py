@@ -10,6 +10,7 @@ from typing import Protocol
 
 import av
 import numpy as np
+from av.video.frame import PictureType
 from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
 
 from daemon.config import EncodeSettings
@@ -106,6 +107,9 @@ class X265Encoder:
             self._encode(frame)
 
     def _encode(self, frame: av.VideoFrame) -> None:
+        # A decoded frame keeps its source picture type, and libx265 would obey it: the source's
+        # keyframes and P-frames would replace our GOP and B-frames.
+        frame.pict_type = PictureType.NONE
         frame.pts = self.frames_written
         frame.time_base = self._time_base
         self._container.mux(self._stream.encode(frame))

@@ -121,3 +121,22 @@ def test_colours_survive_whatever_matrix_the_source_uses(tmp_path: Path) -> None
         rgb = frame.to_ndarray(format="rgb24", src_colorspace=Colorspace.ITU709).reshape(-1, 3).mean(axis=0)
         # Relabelling BT.601 samples as BT.709 would be 8 levels off in red.
         assert np.abs(rgb - (220, 120, 30)).max() < 4, (name, rgb)
+
+
+def test_the_output_gop_is_ours_not_the_sources(tmp_path: Path) -> None:
+    """Keyframes every `encode.gop` frames and B-frames, whatever picture types the source had."""
+    import av
+
+    source = make_video(tmp_path / "src.mp4", frames=120)  # a keyframe every 30 frames, no B-frames
+    settings = load_settings(
+        None, {"output.width": 128, "output.height": 80, "encode.preset": "ultrafast", "encode.gop": 50}
+    )
+    for mode in ("crop", "pad"):  # the YUV path and the RGB path
+        sink = CollectedClips()
+        cutter = ClipCutter(settings, [Resize(128, 80, mode)], torch.device("cpu"))  # type: ignore[arg-type]
+        cutter.run(source, mode, [Clip(0, 120)], tmp_path / mode, sink)
+        with av.open(sink.results[0].path or "") as container:
+            types = [frame.pict_type for frame in container.decode(video=0)]
+        keyframes = [index for index, kind in enumerate(types) if kind == av.video.frame.PictureType.I]
+        assert keyframes == [0, 50, 100], (mode, keyframes)
+        assert av.video.frame.PictureType.B in types, mode
