@@ -191,6 +191,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def check_stages(settings: Settings) -> None:
     """Build every stage once before any download, so a missing model stops the run at once."""
+    if set(settings.stages) <= {"resize"}:
+        return  # nothing to load, and no reason to import torch in the supervisor
     import torch
 
     from daemon.stages import build_stages

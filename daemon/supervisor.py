@@ -209,6 +209,8 @@ class Supervisor:
             )
         )
         self.on_event("queued", {"url": source.url})
+        # The first worker starts (a few seconds of imports) while the rest of the list is read.
+        self._start_due_workers()
         return "queued"
 
     def _finished_clips(self, video_id: str) -> set[Clip]:
