@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,17 +175,10 @@ class Ledger:
             )
         return cursor.rowcount
 
-    def counts(self, urls: Iterable[str] | None = None) -> dict[str, int]:
+    def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(URL_STATES, 0)
-        if urls is None:
-            rows = self._db.execute("SELECT state, COUNT(*) FROM urls GROUP BY state").fetchall()
-            for state, count in rows:
-                counts[state] = count
-        else:
-            for url in urls:
-                row = self.url(url)
-                if row:
-                    counts[row.state] += 1
+        for state, count in self._db.execute("SELECT state, COUNT(*) FROM urls GROUP BY state").fetchall():
+            counts[state] = count
         return counts
 
     def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
