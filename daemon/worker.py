@@ -12,7 +12,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
@@ -20,8 +20,10 @@ from daemon import logs
 from daemon.clips import Clip
 from daemon.config import Settings
 from daemon.download import DownloadFailure, download
-from daemon.pipeline import ClipResult
 from daemon.source import SourceError, probe
+
+if TYPE_CHECKING:  # the pipeline pulls in torch, which the supervisor importing this module never needs
+    from daemon.pipeline import ClipResult
 
 
 @dataclass(frozen=True)
