@@ -3,8 +3,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +33,17 @@ backoff_initial_seconds = 0.1
 backoff_max_seconds = 0.5
 rate_limited_backoff_seconds = 0.2
 """
+
+
+def wait_for(what: str, condition: Callable[[], Any], deadline: float = 180.0) -> Any:
+    """Poll `condition` until it returns something true, and return that; fail naming `what`."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

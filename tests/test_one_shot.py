@@ -7,13 +7,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, cli_command, run_cli
+from conftest import ROOT, cli_command, run_cli, wait_for
 from media import decoded_indices, make_video
 from server import MediaServer
 
@@ -30,16 +28,6 @@ def outputs(workspace: dict[str, Path]) -> dict[str, Path]:
 
 def no_partial_files(workspace: dict[str, Path]) -> None:
     assert not list(workspace["out"].glob("*/*.part"))
-
-
-def wait_for(condition: Callable[[], object], seconds: float = 120) -> object:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def test_a_url_list_becomes_frame_accurate_clips(server: MediaServer, workspace: dict[str, Path]) -> None:
@@ -204,7 +192,9 @@ def test_a_killed_run_leaves_no_partial_clip_and_the_next_run_finishes(
     slow_workload(server, workspace)
     run = start_run(workspace, "--workers", "1")
     wait_for(
-        lambda: list(workspace["out"].glob("long/*.hevc")) and list(workspace["out"].glob("long/*.part"))
+        "a finished clip and one being encoded",
+        lambda: list(workspace["out"].glob("long/*.hevc")) and list(workspace["out"].glob("long/*.part")),
+        deadline=120,
     )
     os.killpg(run.pid, signal.SIGKILL)  # supervisor and workers at once, as a power cut would
     run.wait(timeout=30)
@@ -225,7 +215,7 @@ def test_a_worker_killed_mid_clip_is_replaced_and_its_url_retried(
 ) -> None:
     slow_workload(server, workspace)
     run = start_run(workspace, "--workers", "1")
-    wait_for(lambda: list(workspace["out"].glob("long/*.part")))
+    wait_for("a clip being encoded", lambda: list(workspace["out"].glob("long/*.part")), deadline=120)
     os.kill(worker_pids(workspace)[-1], signal.SIGKILL)
     _, stderr = run.communicate(timeout=300)
     assert run.returncode == 0, stderr
@@ -246,7 +236,7 @@ def test_a_url_that_kills_its_worker_twice_is_failed_not_retried_forever(
         def processing(started: int = kills) -> bool:
             return len(worker_pids(workspace)) == started and bool(list(workspace["out"].glob("long/*.part")))
 
-        wait_for(processing)
+        wait_for(f"worker {kills} encoding a clip", processing, deadline=120)
         os.kill(worker_pids(workspace)[-1], signal.SIGKILL)
     _, stderr = run.communicate(timeout=300)
     assert run.returncode == 1
@@ -259,7 +249,7 @@ def test_a_second_run_on_the_same_output_is_refused(server: MediaServer, workspa
     slow_workload(server, workspace)
     run = start_run(workspace, "--workers", "1")
     try:
-        wait_for(lambda: (workspace["out"] / "ledger.sqlite").exists())
+        wait_for("the ledger", lambda: (workspace["out"] / "ledger.sqlite").exists(), deadline=120)
         second = run_cli(workspace)
         assert second.returncode == 2 and "another run is already using" in second.stderr
     finally:

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import pytest
 
 from daemon.config import load_settings
 
+from conftest import wait_for
 from media import decoded_indices, make_video
 from server import MediaServer
 
@@ -58,16 +59,6 @@ min_free_output_mb = 0
 disk_check_seconds = 0.5
 metrics_address = "{metrics}"
 """
-
-
-def wait_for(what: str, predicate: Callable[[], Any], deadline: float = DEADLINE_SECONDS) -> Any:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Workspace:
