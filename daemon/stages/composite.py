@@ -6,11 +6,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-import av
 import numpy as np
 import torch
 
 from daemon.config import Settings
+from daemon.source import SourceError, VideoSource
 from daemon.stages import FrameBatch
 from daemon.stages.resize import Resize, parse_color
 
@@ -38,9 +38,10 @@ class ColourBackground:
 
 
 def _decode_rgb(path: Path) -> Iterator[np.ndarray]:
-    with av.open(str(path)) as container:
-        for frame in container.decode(video=0):
-            yield frame.to_ndarray(format="rgb24")
+    # The clips' own decoder, so a background video's colour matrix is read the same way.
+    with VideoSource(path) as source:
+        for frame in source.frames():
+            yield frame.to_rgb()
 
 
 def _to_tensor(image: np.ndarray, like: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,7 @@ def load_background(spec: str) -> Background:
         if path.suffix.lower() in IMAGE_SUFFIXES:
             return ImageBackground(path)
         return VideoBackground(path)
-    except av.FFmpegError as exc:
+    except SourceError as exc:
         raise ValueError(f"composite.background: {path}: cannot be decoded ({exc})") from exc
 
 
