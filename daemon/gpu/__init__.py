@@ -60,6 +60,9 @@ class _Recorder:
     def frames_written(self, count: int) -> None:
         self.sink.frames_written(count)
 
+    def unfinished(self, clips: list[Clip]) -> list[Clip]:
+        return [clip for clip in clips if (clip.start_frame, clip.end_frame) not in self.done]
+
 
 class GpuRuntime:
     """A worker's backends: which decoder, device and encoder it uses, and the GPU slot around them."""
@@ -167,7 +170,7 @@ class GpuRuntime:
                     return VideoOutcome(results=recorder.results, interrupted=outcome.interrupted)
                 except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
-                    remaining = [c for c in remaining if (c.start_frame, c.end_frame) not in recorder.done]
+                    remaining = recorder.unfinished(remaining)
                     if cutter.batch_size <= 1:
                         reason = "out of GPU memory at batch size 1"
                         break
@@ -177,7 +180,7 @@ class GpuRuntime:
                         f"at batch size {cutter.batch_size}"
                     )
                 except NvdecError as exc:
-                    remaining = [c for c in remaining if (c.start_frame, c.end_frame) not in recorder.done]
+                    remaining = recorder.unfinished(remaining)
                     reason = str(exc)
                     break
         finally:
