@@ -10,6 +10,7 @@ from typing import Protocol
 
 import av
 import numpy as np
+from av.bitstream import BitStreamFilterContext
 from av.video.frame import PictureType
 from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
 
@@ -123,11 +124,7 @@ class X265Encoder:
             raise EncodeError(
                 f"{self.path.name}: {self.frames_written} frames encoded, {expected_frames} expected"
             )
-        with open(self.part_path, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(self.part_path, self.path)
-        _fsync_dir(self.path.parent)
-        return self.path.stat().st_size
+        return publish(self.part_path, self.path)
 
     def abort(self) -> None:
         # Closing a broken encoder must not hide the error that broke it.
@@ -136,12 +133,48 @@ class X265Encoder:
         self.part_path.unlink(missing_ok=True)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def publish(part_path: Path, path: Path) -> int:
+    """Make a complete `.part` file durable and give it its final name; returns its size in bytes.
+
+    The data is fsynced before the rename and the folder after it, so after a power cut a clip
+    either exists whole under its final name or not at all."""
+    with open(part_path, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(part_path, path)
+    fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+    return path.stat().st_size
+
+
+# H.273 code points: BT.709 primaries, transfer and matrix; limited ("video") range.
+BT709_TAGS = "colour_primaries=1:transfer_characteristics=1:matrix_coefficients=1:video_full_range_flag=0"
+
+
+def tag_bt709(raw_path: Path, tagged_path: Path) -> int:
+    """Copy a raw HEVC stream, marking every sequence parameter set as BT.709 limited range.
+
+    Encoders that take NV12 (NVENC) leave the colour description out unless asked through options
+    their bindings may not expose; players then guess, often BT.601. Rewriting the parameter sets
+    with FFmpeg's hevc_metadata filter tags the stream the same way as the libx265 path, whatever
+    the encoder did. The pictures themselves are copied bit for bit. Returns the packet count."""
+    packets = 0
+    with (
+        av.open(str(raw_path), format="hevc") as source,
+        av.open(str(tagged_path), "w", format="hevc") as target,
+    ):
+        in_stream = source.streams.video[0]
+        out_stream = target.add_stream_from_template(in_stream)
+        tagger = BitStreamFilterContext(f"hevc_metadata={BT709_TAGS}", in_stream, out_stream)
+        for packet in source.demux(in_stream):
+            # The demuxer ends with an empty packet; None is how the filter is told to flush.
+            for tagged in tagger.filter(packet if packet.size else None):
+                tagged.stream = out_stream
+                target.mux(tagged)
+                packets += 1
+    return packets
 
 
 def remove_partial_files(root: Path) -> int:

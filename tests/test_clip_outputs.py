@@ -140,3 +140,56 @@ def test_the_output_gop_is_ours_not_the_sources(tmp_path: Path) -> None:
         keyframes = [index for index, kind in enumerate(types) if kind == av.video.frame.PictureType.I]
         assert keyframes == [0, 50, 100], (mode, keyframes)
         assert av.video.frame.PictureType.B in types, mode
+
+
+def raw_hevc(path: Path, x265_colour: str) -> Path:
+    """Twelve frames of raw HEVC with a keyframe, and so a parameter set, every four frames."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w", format="hevc") as container:
+        stream = container.add_stream("libx265", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        params = "keyint=4:min-keyint=4:repeat-headers=1:log-level=error"
+        stream.options = {"preset": "ultrafast", "x265-params": f"{params}{x265_colour}"}
+        for index in range(12):
+            image = np.zeros((48, 64, 3), np.uint8)
+            image[:, : 4 + index * 5] = (220, 120, 30)
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+def test_a_stream_the_encoder_left_untagged_or_tagged_otherwise_comes_out_bt709(tmp_path: Path) -> None:
+    """What the NVENC path does to its output: every parameter set says BT.709 limited range, and
+    the pictures are untouched."""
+    import av
+    import numpy as np
+    from av.video.reformatter import ColorRange, Colorspace
+
+    from daemon.encode import tag_bt709
+
+    bt709 = 1  # H.273's code point for primaries and transfer
+    for name, colour in [
+        ("untagged", ""),
+        ("bt601", ":colorprim=smpte170m:transfer=smpte170m:colormatrix=smpte170m:range=full"),
+    ]:
+        before = raw_hevc(tmp_path / f"{name}.hevc", colour)
+        after = tmp_path / f"{name}.tagged.hevc"
+        assert tag_bt709(before, after) == 12
+        with av.open(str(before)) as original, av.open(str(after)) as tagged:
+            assert original.streams.video[0].codec_context.color_primaries != bt709
+            assert tagged.streams.video[0].codec_context.color_primaries == bt709
+            assert tagged.streams.video[0].codec_context.color_trc == bt709
+            pairs = list(zip(original.decode(video=0), tagged.decode(video=0), strict=True))
+        assert len(pairs) == 12
+        for old, new in pairs:
+            assert old.colorspace != Colorspace.ITU709, name
+            assert (new.colorspace, new.color_range) == (Colorspace.ITU709, ColorRange.MPEG), name
+            for old_plane, new_plane in zip(old.planes, new.planes, strict=True):
+                assert bytes(old_plane) == bytes(new_plane), name
+        # The untouched payload is checked through the planes; the frames must also differ from each
+        # other, or a stream of one repeated picture would pass.
+        assert not np.array_equal(pairs[0][1].to_ndarray(), pairs[-1][1].to_ndarray())

@@ -12,7 +12,6 @@ container's index lands past it (daemon.source.VideoSource.frames documents the 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Generator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from daemon.config import EncodeSettings
-from daemon.encode import PART_SUFFIX, EncodeError
+from daemon.encode import PART_SUFFIX, EncodeError, publish, tag_bt709
 from daemon.gpu.color import nv12_to_rgb, rgb_to_nv12
 from daemon.source import VideoSource, decode_from
 
@@ -235,12 +234,15 @@ class NvencEncoder:
 
         self.path = path
         self.part_path = path.with_name(path.name + PART_SUFFIX)
+        # NVENC's own bitstream, before its parameter sets are tagged BT.709 into part_path. Both
+        # end in .part, so a killed run's leftovers are removed like any other unfinished clip.
+        self.untagged_path = path.with_name(path.name + ".nvenc" + PART_SUFFIX)
         self.device = torch.device("cuda", device_id)
         self.frames_written = 0
         path.parent.mkdir(parents=True, exist_ok=True)
         options = nvenc_options(settings, fps, device_id)
         self._encoder = nvc.CreateEncoder(width, height, "NV12", False, **options)
-        self._file = open(self.part_path, "wb")  # noqa: SIM115 - closed in finish() or abort()
+        self._file = open(self.untagged_path, "wb")  # noqa: SIM115 - closed in finish() or abort()
 
     def _write_bitstream(self, output: Any) -> None:
         # Older bindings return the bytes, newer ones a list of packets (dicts with "data").
@@ -264,23 +266,22 @@ class NvencEncoder:
 
     def finish(self, expected_frames: int) -> int:
         self._write_bitstream(self._encoder.EndEncode())
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
         if self.frames_written != expected_frames:
             self.abort()
             raise EncodeError(
                 f"{self.path.name}: {self.frames_written} frames encoded, {expected_frames} expected"
             )
-        os.replace(self.part_path, self.path)
-        fd = os.open(self.path.parent, os.O_RDONLY)
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return self.path.stat().st_size
+            tag_bt709(self.untagged_path, self.part_path)
+        except (av.error.FFmpegError, OSError) as exc:
+            self.abort()
+            raise EncodeError(f"{self.path.name}: NVENC output cannot be tagged BT.709: {exc}") from exc
+        self.untagged_path.unlink()
+        return publish(self.part_path, self.path)
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self._file.close()
+        self.untagged_path.unlink(missing_ok=True)
         self.part_path.unlink(missing_ok=True)
