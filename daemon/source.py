@@ -60,12 +60,7 @@ class SourceFrame:
         return rgb.to_ndarray()
 
     def _declared_colour(self) -> tuple[int, int]:
-        frame = self.frame
-        colorspace = frame.colorspace
-        if colorspace in (Colorspace.DEFAULT, 2):  # unspecified: HD is BT.709, SD is BT.601
-            colorspace = Colorspace.ITU709 if frame.height >= 600 else Colorspace.ITU601
-        color_range = frame.color_range if frame.color_range in (1, 2) else ColorRange.MPEG
-        return colorspace, color_range
+        return declared_colour(self.frame.colorspace, self.frame.color_range, self.frame.height)
 
     def to_yuv420(self, size: tuple[int, int], window: tuple[int, int, int, int]) -> av.VideoFrame:
         """Scaled to `size`, then cut to `window` (left, top, width, height), staying in yuv420p.
@@ -102,6 +97,24 @@ class SourceFrame:
         scaled.colorspace = Colorspace.ITU709
         scaled.color_range = ColorRange.MPEG
         return scaled
+
+
+# H.273 matrix code points that swscale converts with their own coefficients: BT.709, FCC, BT.470 BG,
+# SMPTE 170M, SMPTE 240M and BT.2020. Any other value (2 is "unspecified") is a guess to make.
+KNOWN_MATRICES = (1, 4, 5, 6, 7, 9)
+
+
+def declared_colour(colorspace: int, color_range: int, height: int) -> tuple[int, int]:
+    """(matrix, range) to read a picture with: what it declares, or the usual guess where it is silent.
+
+    Unspecified matrices are BT.709 for HD and BT.601 for SD, as players assume; unspecified range is
+    limited. Both decoding paths use this, so a clip looks the same whichever decoded it."""
+    # Compared with FFmpeg's numbers, not PyAV's Colorspace: its DEFAULT is 5, which is BT.601 itself.
+    if colorspace not in KNOWN_MATRICES:
+        colorspace = Colorspace.ITU709 if height >= 600 else Colorspace.ITU601
+    if color_range not in (ColorRange.MPEG, ColorRange.JPEG):
+        color_range = ColorRange.MPEG
+    return int(colorspace), int(color_range)
 
 
 def _plane(frame: av.VideoFrame, index: int) -> np.ndarray:

@@ -101,7 +101,7 @@ def flat_video(path: Path, width: int, height: int, colorspace: int) -> Path:
 
 
 def test_colours_survive_whatever_matrix_the_source_uses(tmp_path: Path) -> None:
-    """Outputs are BT.709; an SD source in BT.601 is converted, not relabelled."""
+    """Outputs are BT.709; a source in BT.601 is converted, not relabelled."""
     import av
     import numpy as np
     from av.video.reformatter import Colorspace
@@ -109,6 +109,8 @@ def test_colours_survive_whatever_matrix_the_source_uses(tmp_path: Path) -> None
     for name, size, colorspace in [
         ("sd", (320, 240), Colorspace.ITU601),
         ("hd", (1280, 720), Colorspace.ITU709),
+        # Tagged BT.601 at an HD size: the tag wins over the size-based guess for untagged video.
+        ("hd601", (1280, 720), Colorspace.ITU601),
     ]:
         source = flat_video(tmp_path / f"{name}.mp4", *size, colorspace)
         sink = CollectedClips()

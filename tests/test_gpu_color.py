@@ -1,4 +1,5 @@
-"""The torch NV12 <-> RGB conversion used on the GPU path agrees with FFmpeg's swscale (BT.709, limited)."""
+"""The torch NV12 <-> RGB conversion used on the GPU path agrees with FFmpeg's swscale: BT.709 limited range
+for what the encoders get, and whatever matrix and range a source declares for what NVDEC decodes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 from av.video.reformatter import ColorRange, Colorspace
 
-from daemon.gpu.color import nv12_to_rgb, rgb_to_nv12
+from daemon.gpu.color import LUMA_WEIGHTS, nv12_to_rgb, rgb_to_nv12
+from daemon.source import KNOWN_MATRICES, declared_colour
 
 HEIGHT, WIDTH = 96, 128
 
@@ -34,13 +36,15 @@ def smooth_mask(image: np.ndarray, radius: int = 3) -> np.ndarray:
     return (spread < 40).all(axis=-1)
 
 
-def swscale_nv12(rgb: np.ndarray) -> av.VideoFrame:
+def swscale_nv12(
+    rgb: np.ndarray, matrix: int = Colorspace.ITU709, color_range: int = ColorRange.MPEG
+) -> av.VideoFrame:
     frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
     return frame.reformat(
         format="nv12",
         src_color_range=ColorRange.JPEG,
-        dst_colorspace=Colorspace.ITU709,
-        dst_color_range=ColorRange.MPEG,
+        dst_colorspace=matrix,
+        dst_color_range=color_range,
     )
 
 
@@ -76,6 +80,46 @@ def test_nv12_to_rgb_is_not_bt601() -> None:
     )
     converted = nv12_to_rgb(torch.from_numpy(nv12_601.to_ndarray())).numpy()
     assert np.abs(converted.astype(int) - rgb.astype(int))[smooth_mask(rgb)].max() > 20
+
+
+@pytest.mark.parametrize(
+    ("matrix", "color_range"),
+    [
+        (Colorspace.ITU601, ColorRange.MPEG),
+        (Colorspace.SMPTE240M, ColorRange.MPEG),
+        (Colorspace.BT2020, ColorRange.MPEG),
+        (Colorspace.FCC, ColorRange.MPEG),
+        (Colorspace.ITU709, ColorRange.JPEG),
+        (Colorspace.ITU601, ColorRange.JPEG),
+    ],
+)
+def test_decoded_pictures_are_read_with_the_matrix_and_range_their_source_declares(
+    matrix: int, color_range: int
+) -> None:
+    rgb = sample_image()
+    nv12 = swscale_nv12(rgb, matrix, color_range)
+    reference = nv12.to_ndarray(
+        format="rgb24", src_colorspace=matrix, src_color_range=color_range, dst_color_range=ColorRange.JPEG
+    ).astype(int)
+
+    converted = nv12_to_rgb(torch.from_numpy(nv12.to_ndarray()), matrix, color_range).numpy().astype(int)
+
+    smooth = smooth_mask(rgb)
+    assert np.abs(converted - reference)[smooth].max() <= 6
+    error = np.abs(converted - rgb.astype(int))[smooth].max()
+    assert error <= 4
+    # Read as BT.709 limited instead, the same samples come out further from the picture.
+    wrong = nv12_to_rgb(torch.from_numpy(nv12.to_ndarray())).numpy().astype(int)
+    assert np.abs(wrong - rgb.astype(int))[smooth].max() > error + 2
+
+
+def test_both_decoders_know_the_same_matrices_and_guess_alike_for_the_rest() -> None:
+    assert set(LUMA_WEIGHTS) == set(KNOWN_MATRICES)
+    unspecified, smpte170m = 2, 6
+    assert declared_colour(unspecified, 0, 1080) == (Colorspace.ITU709, ColorRange.MPEG)
+    assert declared_colour(unspecified, 0, 480) == (Colorspace.ITU601, ColorRange.MPEG)
+    assert declared_colour(Colorspace.ITU601, ColorRange.JPEG, 1080) == (Colorspace.ITU601, ColorRange.JPEG)
+    assert declared_colour(smpte170m, ColorRange.MPEG, 720) == (smpte170m, ColorRange.MPEG)
 
 
 def test_rgb_to_nv12_matches_swscale() -> None:

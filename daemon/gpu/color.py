@@ -1,7 +1,9 @@
 """NV12 <-> RGB in plain torch ops, so the conversion runs wherever the tensors live (GPU or CPU).
 
 NV12 here is one (height * 3 / 2, width) uint8 plane: the luma rows, then the interleaved U/V rows at
-half resolution. Colours are BT.709 with limited ("MPEG", 16-235) range, as the encoders signal it.
+half resolution. Encoder input is BT.709 with limited ("MPEG", 16-235) range, as the encoders signal
+it; decoded pictures are read with whatever matrix and range their source declares, the way the CPU
+path's swscale reads them (daemon.source.declared_colour decides which).
 """
 
 from __future__ import annotations
@@ -15,6 +17,18 @@ KG = 1.0 - KR - KB
 Y_OFFSET, Y_SCALE = 16.0, 219.0
 C_OFFSET, C_SCALE = 128.0, 224.0
 
+# Luma weights (Kr, Kb) by H.273 matrix code point, for the matrices swscale knows. Anything else is
+# read as BT.601, which is also what swscale falls back to.
+LUMA_WEIGHTS: dict[int, tuple[float, float]] = {
+    1: (0.2126, 0.0722),  # BT.709
+    4: (0.30, 0.11),  # FCC
+    5: (0.299, 0.114),  # BT.470 BG (BT.601 625 lines)
+    6: (0.299, 0.114),  # SMPTE 170M (BT.601 525 lines)
+    7: (0.212, 0.087),  # SMPTE 240M
+    9: (0.2627, 0.0593),  # BT.2020 non-constant luminance
+}
+BT709, LIMITED, FULL = 1, 1, 2  # H.273 matrix code point; FFmpeg's MPEG and JPEG range values
+
 
 def nv12_planes(nv12: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split (..., H*3/2, W) NV12 into luma (..., H, W) and chroma (..., 2, H/2, W/2)."""
@@ -27,19 +41,24 @@ def nv12_planes(nv12: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return luma, chroma.movedim(-1, -3)
 
 
-def nv12_to_rgb(nv12: torch.Tensor) -> torch.Tensor:
-    """(..., H*3/2, W) uint8 NV12 -> (..., H, W, 3) uint8 full-range RGB."""
+def nv12_to_rgb(nv12: torch.Tensor, matrix: int = BT709, color_range: int = LIMITED) -> torch.Tensor:
+    """(..., H*3/2, W) uint8 NV12 -> (..., H, W, 3) uint8 full-range RGB.
+
+    `matrix` is the H.273 matrix code point and `color_range` FFmpeg's range (1 limited, 2 full)."""
+    kr, kb = LUMA_WEIGHTS.get(matrix, LUMA_WEIGHTS[5])
+    kg = 1.0 - kr - kb
+    y_offset, y_scale, c_scale = (0.0, 255.0, 255.0) if color_range == FULL else (Y_OFFSET, Y_SCALE, C_SCALE)
     luma, chroma = nv12_planes(nv12)
-    y = (luma.float() - Y_OFFSET) / Y_SCALE
-    uv = (chroma.float() - C_OFFSET) / C_SCALE
+    y = (luma.float() - y_offset) / y_scale
+    uv = (chroma.float() - C_OFFSET) / c_scale
     # Chroma sits between luma rows; bilinear upsampling keeps edges from stair-stepping.
     flat = uv.reshape(-1, 2, *uv.shape[-2:])
     uv = F.interpolate(flat, scale_factor=2, mode="bilinear", align_corners=False)
     uv = uv.reshape(*chroma.shape[:-2], *luma.shape[-2:])
     u, v = uv[..., 0, :, :], uv[..., 1, :, :]
-    r = y + 2 * (1 - KR) * v
-    b = y + 2 * (1 - KB) * u
-    g = (y - KR * r - KB * b) / KG
+    r = y + 2 * (1 - kr) * v
+    b = y + 2 * (1 - kb) * u
+    g = (y - kr * r - kb * b) / kg
     rgb = torch.stack((r, g, b), dim=-1)
     return rgb.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
 

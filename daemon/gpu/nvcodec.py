@@ -25,7 +25,7 @@ import torch
 from daemon.config import EncodeSettings
 from daemon.encode import PART_SUFFIX, EncodeError, publish, tag_bt709
 from daemon.gpu.color import nv12_to_rgb, rgb_to_nv12
-from daemon.source import VideoSource, decode_from
+from daemon.source import VideoSource, declared_colour, decode_from
 
 # What NVDEC decodes to NV12 (8-bit 4:2:0), with its size limits: (min w, min h, max w, max h).
 # From NVIDIA's NVDEC support matrix for Turing and later; older parts fail at decoder creation
@@ -76,10 +76,11 @@ class GpuFrame:
 
     nv12: torch.Tensor  # (height * 3 / 2, width) uint8, a copy owned by this frame
     seconds: Fraction
+    colour: tuple[int, int]  # (matrix, range) the source declares, as daemon.source.declared_colour reads it
     duration_seconds: Fraction | None = None
 
     def to_rgb(self) -> torch.Tensor:
-        return nv12_to_rgb(self.nv12)
+        return nv12_to_rgb(self.nv12, *self.colour)
 
 
 class NvdecSource:
@@ -96,6 +97,10 @@ class NvdecSource:
         self._meta = VideoSource(path)
         self.time_base = self._meta.time_base
         self._origin = self._meta._origin
+        context = self._meta.stream.codec_context
+        # NVDEC hands back samples, not colours: an SD BT.601 or a full-range source must be read as
+        # such, exactly as the CPU decoder's swscale reads it.
+        self.colour = declared_colour(context.colorspace, context.color_range, context.height)
         self._codec: Any = None
 
     def __enter__(self) -> NvdecSource:
@@ -173,7 +178,7 @@ class NvdecSource:
             return None, last_pts  # duplicate or out-of-order timestamps: the first one wins
         # The decoder reuses its surfaces: the frame gets its own copy (a device-to-device copy).
         nv12 = _device_tensor(decoded, self.device).clone()
-        return GpuFrame(nv12, Fraction(pts - self._origin) * self.time_base), pts
+        return GpuFrame(nv12, Fraction(pts - self._origin) * self.time_base, self.colour), pts
 
 
 def _device_tensor(decoded: Any, device: torch.device) -> torch.Tensor:
