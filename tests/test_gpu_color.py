@@ -9,7 +9,7 @@ import pytest
 import torch
 from av.video.reformatter import ColorRange, Colorspace
 
-from daemon.gpu.color import LUMA_WEIGHTS, nv12_to_rgb, rgb_to_nv12
+from daemon.gpu.color import LUMA_WEIGHTS, crop_nv12, nv12_to_rgb, rgb_to_nv12
 from daemon.source import KNOWN_MATRICES, declared_colour
 
 HEIGHT, WIDTH = 96, 128
@@ -153,3 +153,18 @@ def test_odd_sizes_are_refused() -> None:
         rgb_to_nv12(torch.zeros((1, 5, 8, 3), dtype=torch.uint8))
     with pytest.raises(ValueError):
         nv12_to_rgb(torch.zeros((10, 8), dtype=torch.uint8))
+
+
+def test_a_surface_at_the_coded_size_is_cut_to_the_visible_picture() -> None:
+    """1080-line H.264 is coded as 1088 lines; NVDEC may hand the whole surface back, chroma after
+    every coded luma row. What comes out is the picture PyAV shows, chroma included."""
+    rgb = sample_image()
+    nv12 = torch.from_numpy(swscale_nv12(rgb).to_ndarray())
+    coded = torch.full((112 * 3 // 2, WIDTH + 32), 77, dtype=torch.uint8)  # 16 more lines, 32 more columns
+    coded[:HEIGHT, :WIDTH] = nv12[:HEIGHT]
+    coded[112 : 112 + HEIGHT // 2, :WIDTH] = nv12[HEIGHT:]
+
+    assert torch.equal(crop_nv12(coded, WIDTH, HEIGHT), nv12)
+    assert crop_nv12(nv12, WIDTH, HEIGHT) is nv12
+    with pytest.raises(ValueError):
+        crop_nv12(nv12, WIDTH, HEIGHT + 16)

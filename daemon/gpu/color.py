@@ -41,6 +41,23 @@ def nv12_planes(nv12: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return luma, chroma.movedim(-1, -3)
 
 
+def crop_nv12(nv12: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """The visible width x height picture of an NV12 surface that may be larger than it.
+
+    Decoders work on whole macroblocks: a 1080-line H.264 picture is coded as 1088 lines, and a
+    surface handed out at the coded size has its chroma rows after all 1088 luma rows. Returns a view
+    when nothing needs cutting, else a new (height * 3 / 2, width) tensor."""
+    rows, surface_width = nv12.shape[-2:]
+    if (rows, surface_width) == (height * 3 // 2, width):
+        return nv12
+    coded_height = rows * 2 // 3
+    if rows % 3 or coded_height < height or surface_width < width:
+        raise ValueError(f"NV12 surface of {rows}x{surface_width} cannot hold a {width}x{height} picture")
+    luma = nv12[..., :height, :width]
+    chroma = nv12[..., coded_height : coded_height + height // 2, :width]
+    return torch.cat((luma, chroma), dim=-2)
+
+
 def nv12_to_rgb(nv12: torch.Tensor, matrix: int = BT709, color_range: int = LIMITED) -> torch.Tensor:
     """(..., H*3/2, W) uint8 NV12 -> (..., H, W, 3) uint8 full-range RGB.
 

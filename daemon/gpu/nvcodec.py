@@ -24,7 +24,7 @@ import torch
 
 from daemon.config import EncodeSettings
 from daemon.encode import PART_SUFFIX, EncodeError, publish, tag_bt709
-from daemon.gpu.color import nv12_to_rgb, rgb_to_nv12
+from daemon.gpu.color import crop_nv12, nv12_to_rgb, rgb_to_nv12
 from daemon.source import VideoSource, declared_colour, decode_from
 
 # What NVDEC decodes to NV12 (8-bit 4:2:0), with its size limits: (min w, min h, max w, max h).
@@ -101,6 +101,7 @@ class NvdecSource:
         # NVDEC hands back samples, not colours: an SD BT.601 or a full-range source must be read as
         # such, exactly as the CPU decoder's swscale reads it.
         self.colour = declared_colour(context.colorspace, context.color_range, context.height)
+        self.width, self.height = context.width, context.height
         self._codec: Any = None
 
     def __enter__(self) -> NvdecSource:
@@ -176,8 +177,10 @@ class NvdecSource:
         pts = int(decoded.getPTS())
         if last_pts is not None and pts <= last_pts:
             return None, last_pts  # duplicate or out-of-order timestamps: the first one wins
-        # The decoder reuses its surfaces: the frame gets its own copy (a device-to-device copy).
-        nv12 = _device_tensor(decoded, self.device).clone()
+        # The decoder reuses its surfaces: the frame gets its own copy (a device-to-device copy),
+        # cut to the visible picture where the surface has the coded size.
+        surface = crop_nv12(_device_tensor(decoded, self.device), self.width, self.height)
+        nv12 = surface.clone(memory_format=torch.contiguous_format)
         return GpuFrame(nv12, Fraction(pts - self._origin) * self.time_base, self.colour), pts
 
 
