@@ -70,8 +70,14 @@ class EncodeSettings(_Section):
     buffer_kbits: int = Field(8000, ge=100)
     gop: int = Field(240, ge=1)
     threads: int = Field(0, ge=0)
-    nvenc_preset: str = "p4"
-    nvenc_tuning: str = "hq"
+    nvenc_preset: Literal["p1", "p2", "p3", "p4", "p5", "p6", "p7"] = "p4"
+    nvenc_tuning: Literal["hq", "uhq", "ll", "ull", "lossless"] = "hq"
+
+    @field_validator("nvenc_preset", "nvenc_tuning", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        # NVENC's own documents write presets as P1..P7; both spellings mean the same.
+        return value.lower() if isinstance(value, str) else value
 
 
 class DownloadSettings(_Section):

@@ -207,7 +207,14 @@ class _DeviceFrame:
         return self
 
 
-NVENC_TUNING = {"hq": "high_quality", "ll": "low_latency", "ull": "ultra_low_latency", "lossless": "lossless"}
+# PyNvVideoCodec's names for NVENC's tuning modes, from ours (which are ffmpeg's -tune names).
+NVENC_TUNING = {
+    "hq": "high_quality",
+    "uhq": "uhq",
+    "ll": "low_latency",
+    "ull": "ultra_low_latency",
+    "lossless": "lossless",
+}
 
 
 def nvenc_options(settings: EncodeSettings, fps: Fraction, device_id: int) -> dict[str, str]:
@@ -216,7 +223,7 @@ def nvenc_options(settings: EncodeSettings, fps: Fraction, device_id: int) -> di
         "codec": "hevc",
         "gpu_id": str(device_id),
         "preset": settings.nvenc_preset.upper(),
-        "tuning_info": NVENC_TUNING.get(settings.nvenc_tuning, settings.nvenc_tuning),
+        "tuning_info": NVENC_TUNING[settings.nvenc_tuning],
         "rc": "vbr",
         # Constant-quality VBR: cq plays the role of x265's crf, the ceiling and buffer are the same.
         "cq": f"{round(settings.crf)}",
@@ -225,7 +232,9 @@ def nvenc_options(settings: EncodeSettings, fps: Fraction, device_id: int) -> di
         "vbvbufsize": str(settings.buffer_kbits * 1000),
         "gop": str(settings.gop),
         "idrperiod": str(settings.gop),
-        "fps": f"{float(fps):.6g}",
+        # An integer option: 29.97 is given as 30, which only informs rate control; a raw stream
+        # carries no timestamps, and the clips' frame count and order do not depend on it.
+        "fps": str(max(1, round(fps))),
         "repeatspspps": "1",
     }
 
