@@ -170,7 +170,9 @@ class NvdecSource:
                     frame, last_pts = self._frame(decoded, last_pts)
                     if frame is not None:
                         yield frame
-        except (RuntimeError, ValueError, TypeError) as exc:
+        except torch.cuda.OutOfMemoryError:
+            raise  # the caller's to handle: a smaller batch, not another decoder
+        except Exception as exc:  # noqa: BLE001 - the binding's exceptions derive from Exception alone
             raise NvdecError(f"{self.path.name}: NVDEC decoding failed: {exc}") from exc
 
     def _frame(self, decoded: Any, last_pts: int | None) -> tuple[GpuFrame | None, int | None]:
