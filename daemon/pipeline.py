@@ -229,7 +229,7 @@ class ClipCutter:
                 item = work[timeline.clip] = _ClipWork(timeline, path, encoder)
             items.append((item, count))
         # Converted once, however many clips and repeats show it.
-        picture = self._convert(source_frame, items[0][0].encoder)
+        picture = self._convert(source_frame)
         for item, count in items:
             timeline = item.timeline
             for _ in range(count):
@@ -241,13 +241,14 @@ class ClipCutter:
                 del work[timeline.clip]
                 report(self._finish(item, video_id))
 
-    def _convert(self, source_frame: ShownFrame, encoder: ClipEncoder) -> Picture:
+    def _convert(self, source_frame: ShownFrame) -> Picture:
         """The frame as the next step wants it: YUV for the encoder when nothing else looks at it."""
         if (
             self._passthrough
             and self._prescale is not None
             and isinstance(source_frame, SourceFrame)
-            and isinstance(encoder, X265Encoder)  # every clip's encoder comes from the same factory
+            # Only when every clip is sure to get libx265: a picture goes to all clips showing it.
+            and self._encoder_factory == self._x265
             and self.height % 4 == 0
         ):
             frame = source_frame.frame

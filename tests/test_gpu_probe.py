@@ -142,3 +142,45 @@ def test_codec_auto_without_a_gpu_cuts_on_the_cpu_logs_why_once_and_takes_no_slo
     assert log.count("backends: decode cpu, stages on cpu, encode x265") == 1
     assert log.count("fallback: CPU decode, stages and encode: no NVIDIA driver") == 1
     assert not slots.exists() or not list(slots.iterdir())  # the CPU path never takes a GPU slot
+
+
+@pytest.mark.skipif(not NO_DRIVER, reason="this machine has an NVIDIA driver")
+def test_a_clip_nvenc_cannot_open_an_encoder_for_is_made_with_libx265(tmp_path: Path) -> None:
+    """As when a GeForce card's few NVENC sessions are all taken: here the binding itself cannot
+    load, which fails the same call. Each reason is one warning; the clips all come out."""
+    from loguru import logger
+
+    from daemon.clips import Clip
+    from daemon.config import load_settings
+    from daemon.gpu import BackendChoice, GpuRuntime
+    from daemon.stages import build_stages
+
+    from media import CollectedClips
+
+    settings = load_settings(None, {"output.width": 128, "output.height": 80, "encode.preset": "ultrafast"})
+    runtime = GpuRuntime(settings, BackendChoice(decode="cpu", encode="nvenc", device="cpu"))
+    source = make_video(tmp_path / "v.mp4", frames=30)
+    sink = CollectedClips()
+    lines: list[str] = []
+    handler = logger.add(
+        lambda message: lines.append(str(message)), level="DEBUG", format="{level} {message}"
+    )
+    try:
+        cutter = runtime.cutter(build_stages(settings, runtime.device))
+        runtime.process(
+            cutter, source, "v", [Clip(0, 10), Clip(5, 15)], tmp_path / "out", sink, lambda: False
+        )
+    finally:
+        logger.remove(handler)
+
+    results = sorted(sink.results, key=lambda result: result.start_frame)
+    assert [decoded_indices(Path(result.path or "")) for result in results] == [
+        list(range(10)),
+        list(range(5, 15)),
+    ]
+    refusals = [line for line in lines if "NVENC cannot open an encoder" in line]
+    assert len(refusals) == 2 and "\n" not in refusals[0].strip()
+    assert refusals[0].startswith(
+        "WARNING v_0000000_0000010.hevc: NVENC cannot open an encoder (Failed to load"
+    )
+    assert refusals[1].startswith("DEBUG v_0000005_0000015.hevc")

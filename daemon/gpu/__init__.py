@@ -87,6 +87,7 @@ class GpuRuntime:
         for reason in choice.fallbacks:
             logger.info(f"fallback: {reason}")
         self._cpu_cutter: ClipCutter | None = None
+        self._nvenc_refusals: set[str] = set()  # each reason is a warning once, then a debug line
 
     @classmethod
     def start(cls, settings: Settings) -> GpuRuntime:
@@ -106,9 +107,21 @@ class GpuRuntime:
         )
 
     def _nvenc(self, path: Path, width: int, height: int, fps: Fraction) -> ClipEncoder:
+        """An NVENC encoder, or libx265 for this clip when NVENC cannot open one.
+
+        GeForce cards allow only a few NVENC sessions at a time, across every process; overlapping
+        clips and their alpha streams each hold one. Running out must cost speed, never the clip."""
+        from daemon.encode import X265Encoder
         from daemon.gpu.nvcodec import NvencEncoder
 
-        return NvencEncoder(path, width, height, fps, self.settings.encode, self.device_id)
+        try:
+            return NvencEncoder(path, width, height, fps, self.settings.encode, self.device_id)
+        except Exception as exc:  # noqa: BLE001 - whatever the binding raises, libx265 can do the clip
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            log = logger.debug if reason in self._nvenc_refusals else logger.warning
+            self._nvenc_refusals.add(reason)
+            log(f"{path.name}: NVENC cannot open an encoder ({reason}); this one is libx265")
+            return X265Encoder(path, width, height, fps, self.settings.encode)
 
     def _source(self, path: Path) -> FrameSource:
         from daemon.gpu.nvcodec import NvdecSource, nvdec_unsupported_reason
