@@ -102,7 +102,6 @@ class NvdecSource:
         # such, exactly as the CPU decoder's swscale reads it.
         self.colour = declared_colour(context.colorspace, context.color_range, context.height)
         self.width, self.height = context.width, context.height
-        self._codec: Any = None
 
     def __enter__(self) -> NvdecSource:
         return self
@@ -180,9 +179,11 @@ class NvdecSource:
         if last_pts is not None and pts <= last_pts:
             return None, last_pts  # duplicate or out-of-order timestamps: the first one wins
         # The decoder reuses its surfaces: the frame gets its own copy (a device-to-device copy),
-        # cut to the visible picture where the surface has the coded size.
-        surface = crop_nv12(_device_tensor(decoded, self.device), self.width, self.height)
-        nv12 = surface.clone(memory_format=torch.contiguous_format)
+        # cut to the visible picture where the surface has the coded size. Cutting copies already.
+        surface = _device_tensor(decoded, self.device)
+        nv12 = crop_nv12(surface, self.width, self.height)
+        if nv12 is surface:
+            nv12 = surface.clone(memory_format=torch.contiguous_format)
         return GpuFrame(nv12, Fraction(pts - self._origin) * self.time_base, self.colour), pts
 
 
