@@ -11,12 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# BT.709 luma weights; the chroma scales follow from them (Cb = (B - Y) / 1.8556, Cr = (R - Y) / 1.5748).
-KR, KB = 0.2126, 0.0722
-KG = 1.0 - KR - KB
-Y_OFFSET, Y_SCALE = 16.0, 219.0
-C_OFFSET, C_SCALE = 128.0, 224.0
-
 # Luma weights (Kr, Kb) by H.273 matrix code point, for the matrices swscale knows. Anything else is
 # read as BT.601, which is also what swscale falls back to.
 LUMA_WEIGHTS: dict[int, tuple[float, float]] = {
@@ -28,6 +22,12 @@ LUMA_WEIGHTS: dict[int, tuple[float, float]] = {
     9: (0.2627, 0.0593),  # BT.2020 non-constant luminance
 }
 BT709, LIMITED, FULL = 1, 1, 2  # H.273 matrix code point; FFmpeg's MPEG and JPEG range values
+
+# What the encoders get: BT.709; the chroma scales follow from the weights (Cb = (B - Y) / 1.8556, ...).
+KR, KB = LUMA_WEIGHTS[BT709]
+KG = 1.0 - KR - KB
+Y_OFFSET, Y_SCALE = 16.0, 219.0
+C_OFFSET, C_SCALE = 128.0, 224.0
 
 
 def nv12_planes(nv12: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
