@@ -37,6 +37,9 @@ class RunSettings(_Section):
     # On SIGTERM/SIGINT, how long in-flight clips may take to finish before workers are stopped.
     grace_seconds: float = Field(60.0, ge=0)
     progress_interval_seconds: float = Field(30.0, gt=0)
+    # A worker busy with a URL that shows no progress (no byte downloaded, no frame decoded or
+    # written) for this long is killed; its URL is retried once, then failed as stalled. 0: off.
+    stall_seconds: float = Field(300.0, ge=0)
 
     @field_validator("log_level", mode="before")
     @classmethod

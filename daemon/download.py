@@ -216,10 +216,15 @@ def download(
     settings: DownloadSettings,
     output: OutputSettings,
     on_retry: Callable[[DownloadFailure, int, float], None] | None = None,
+    on_bytes: Callable[[], None] | None = None,
 ) -> Path:
-    """Download `url` into `folder` and return the file; raises DownloadFailure after the last attempt."""
+    """Download `url` into `folder` and return the file; raises DownloadFailure after the last attempt.
+
+    `on_bytes` is called as data arrives (often: throttle on the other side)."""
     folder.mkdir(parents=True, exist_ok=True)
     options = ytdlp_options(settings, output, folder)
+    if on_bytes is not None:
+        options["progress_hooks"] = [lambda status: on_bytes()]
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None

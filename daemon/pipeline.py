@@ -19,6 +19,7 @@ from daemon.source import SourceFrame, VideoSource
 from daemon.stages import FrameBatch, Stage
 from daemon.stages.resize import Resize
 from daemon.timing import ClipTimeline, FrameSchedule
+from daemon.walk import FrameWalk
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,12 @@ class ProgressSink(Protocol):
     def clip_finished(self, result: ClipResult) -> None: ...
 
     def frames_written(self, count: int) -> None: ...
+
+    def frame_decoded(self) -> None:
+        """Called for every decoded frame, shown or not: the sign of life a watchdog waits for."""
+
+    def waiting(self, seconds: float) -> None:
+        """About to wait this long on purpose (for a GPU slot): not a stall."""
 
 
 EncoderFactory = Callable[[Path, int, int, Fraction], ClipEncoder]
@@ -59,6 +66,8 @@ class FrameSource(Protocol):
     def nominal_frame_seconds(self) -> Fraction: ...
 
     def frames(self, from_seconds: Fraction = ...) -> Generator[ShownFrame, None, None]: ...
+
+    def keyframe_seconds(self, at_or_before: Fraction) -> Fraction | None: ...
 
     def __enter__(self) -> FrameSource: ...
 
@@ -131,8 +140,6 @@ class ClipCutter:
         self._sink = sink
         work: dict[Clip, _ClipWork] = {}
         results: list[ClipResult] = []
-        interrupted = False
-        threshold = Fraction(self.settings.decode.seek_threshold_seconds)
 
         def report(result: ClipResult) -> None:
             results.append(result)
@@ -140,40 +147,25 @@ class ClipCutter:
 
         try:
             with self._source_factory(source_path) as source:
-                first_start = schedule.next_start_seconds() or Fraction(0)
-                frames = source.frames(first_start if first_start > threshold else Fraction(0))
-                previous: ShownFrame | None = None
-                previous_first = True
-                last_end = Fraction(0)
-                while True:
-                    current = next(frames, None)
-                    if previous is not None:
-                        end = (
-                            current.seconds
-                            if current is not None
-                            else previous.seconds
-                            + (previous.duration_seconds or source.nominal_frame_seconds)
-                        )
-                        last_end = end
-                        self._show(
-                            previous, end, previous_first, schedule, work, video_id, output_dir, report
-                        )
-                        previous_first = False
-                    if current is None:
-                        break
-                    previous = current
-                    if schedule.active():
-                        continue
-                    if not interrupted and should_stop():
-                        interrupted = True
-                    upcoming = schedule.next_start_seconds()
-                    if upcoming is None or interrupted:
-                        break
-                    if upcoming - current.seconds > threshold:
-                        frames.close()
-                        frames = source.frames(upcoming)
-                        previous, previous_first = None, True
-                frames.close()
+                walk = FrameWalk(
+                    source,
+                    schedule,
+                    Fraction(self.settings.decode.seek_threshold_seconds),
+                    should_stop,
+                    on_decoded=sink.frame_decoded,
+                )
+                for shown in walk:
+                    self._show(
+                        shown.frame,
+                        shown.end_seconds,
+                        shown.first,
+                        schedule,
+                        work,
+                        video_id,
+                        output_dir,
+                        report,
+                    )
+                interrupted, last_end = walk.interrupted, walk.end_seconds
         except BaseException:
             for item in work.values():
                 item.encoder.abort()

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Protocol, TypeVar
 
 import av
+import av.container
 import av.error
+import av.video.stream
 import numpy as np
 from av.video.reformatter import ColorRange, Colorspace, Interpolation, VideoReformatter
 
@@ -123,6 +124,45 @@ def _plane(frame: av.VideoFrame, index: int) -> np.ndarray:
     return rows[:, : plane.width]
 
 
+# Frame rates a camera or an encoder really uses: whole numbers, and the NTSC ones (30000/1001 …).
+_GRID_DENOMINATORS = (1, 1001)
+
+
+def _frame_grid(stream: av.video.stream.VideoStream) -> Fraction | None:
+    """The constant frame rate a stream declares, when it is one of the usual ones; else None."""
+    for rate in (stream.guessed_rate, stream.average_rate):
+        if rate and Fraction(rate).denominator in _GRID_DENOMINATORS:
+            return Fraction(rate)
+    return None
+
+
+@dataclass(frozen=True)
+class StreamClock:
+    """Turns a stream's timestamps into seconds from its start, and back.
+
+    Containers with a coarse time base round timestamps: WebM keeps whole milliseconds, so 30 fps
+    frames are stamped 0, 33, 67, 100 ms, and frame 2 (67 ms) would seem not yet on screen at
+    2/30 s = 66.7 ms. A timestamp within one tick of the declared frame grid is read as the grid
+    moment it stands for. Exact time bases are unchanged by this (their stamps sit on the grid),
+    and so are variable-rate streams' stamps that lie between grid moments.
+    """
+
+    time_base: Fraction
+    origin: int
+    frame_rate: Fraction | None = None
+
+    def seconds(self, pts: int) -> Fraction:
+        exact = Fraction(pts - self.origin) * self.time_base
+        if self.frame_rate is None:
+            return exact
+        on_grid = Fraction(round(exact * self.frame_rate)) / self.frame_rate
+        return on_grid if abs(on_grid - exact) <= self.time_base else exact
+
+    def pts(self, seconds: Fraction) -> int:
+        """The timestamp of `seconds`, rounded down: a backward seek to it stays at or before."""
+        return int(seconds / self.time_base) + self.origin
+
+
 class VideoSource:
     """One video stream of a media file, decoded forward."""
 
@@ -143,10 +183,13 @@ class VideoSource:
             raise SourceError(f"{path.name}: video stream has no time base")
         self.time_base = Fraction(self.stream.time_base)
         self._reformatter = VideoReformatter()
+        self._index_container: av.container.InputContainer | None = None
+        self._decoded_any = False
         start = self.stream.start_time
         self._origin = start if start is not None else 0
         rate = self.stream.average_rate or self.stream.guessed_rate
         self._nominal_frame_seconds = Fraction(1) / Fraction(rate) if rate else Fraction(1, 30)
+        self.clock = StreamClock(self.time_base, self._origin, _frame_grid(self.stream))
 
     def __enter__(self) -> VideoSource:
         return self
@@ -156,6 +199,8 @@ class VideoSource:
 
     def close(self) -> None:
         self._container.close()
+        if self._index_container is not None:
+            self._index_container.close()
 
     @property
     def info(self) -> SourceInfo:
@@ -177,25 +222,38 @@ class VideoSource:
         )
 
     def frames(self, from_seconds: Fraction = Fraction(0)) -> Generator[SourceFrame, None, None]:
-        """Frames in presentation order whose display interval reaches `from_seconds` or later.
+        """Frames in presentation order, from the keyframe the index puts at or before `from_seconds`.
 
-        Seeks to the keyframe at or before `from_seconds`; if the container's index put us past it,
-        falls back to decoding from the start so no frame on screen at `from_seconds` is missed.
+        An index can be wrong, so the first frame may come later than `from_seconds`;
+        `daemon.walk.FrameWalk` checks that and decides what to do about it.
         """
-        return decode_from(from_seconds, self._decode_after_seek, self._decode_from_start)
-
-    def _decode_after_seek(self, seconds: Fraction) -> Generator[SourceFrame, None, None]:
-        self._seek(seconds)
+        if from_seconds > 0 or self._decoded_any:
+            self._seek(max(from_seconds, Fraction(0)))
+        # else the reader is at the start already; not seeking lets a pipe be a source
         return self._decode()
 
-    def _decode_from_start(self) -> Generator[SourceFrame, None, None]:
-        self._seek(Fraction(0))
-        return self._decode()
+    def keyframe_seconds(self, at_or_before: Fraction) -> Fraction | None:
+        """Where a seek to `at_or_before` would land: the keyframe the index puts there, or None.
+
+        Asked of a second, demux-only reader, so the decoder keeps its place: whether a seek would
+        move forward at all is known before the frames decoded so far are given up.
+        """
+        try:
+            if self._index_container is None:
+                self._index_container = av.open(str(self.path), mode="r")
+            container = self._index_container
+            stream = container.streams.video[0]  # the same stream as the decoder's
+            container.seek(self.clock.pts(at_or_before), backward=True, any_frame=False, stream=stream)
+            for packet in container.demux(stream):
+                if packet.pts is not None and packet.is_keyframe:
+                    return self.clock.seconds(int(packet.pts))
+        except (av.error.FFmpegError, OSError):
+            return None
+        return None
 
     def _seek(self, seconds: Fraction) -> None:
-        target = int(seconds / self.time_base) + self._origin
         try:
-            self._container.seek(target, backward=True, any_frame=False, stream=self.stream)
+            self._container.seek(self.clock.pts(seconds), backward=True, any_frame=False, stream=self.stream)
         except av.error.FFmpegError as exc:
             raise SourceError(f"{self.path.name}: cannot seek to {float(seconds):.3f}s: {exc}") from exc
 
@@ -203,6 +261,7 @@ class VideoSource:
         last_pts: int | None = None
         try:
             for frame in self._container.decode(self.stream):
+                self._decoded_any = True
                 pts = frame.pts if frame.pts is not None else frame.dts
                 if pts is None:
                     continue
@@ -210,48 +269,13 @@ class VideoSource:
                     continue  # duplicate or out-of-order timestamps: the first one wins
                 last_pts = pts
                 duration = Fraction(frame.duration) * self.time_base if frame.duration else None
-                yield SourceFrame(
-                    frame, Fraction(pts - self._origin) * self.time_base, duration, self._reformatter
-                )
+                yield SourceFrame(frame, self.clock.seconds(pts), duration, self._reformatter)
         except av.error.FFmpegError as exc:
             raise SourceError(f"{self.path.name}: decoding failed: {exc}") from exc
 
     @property
     def nominal_frame_seconds(self) -> Fraction:
         return self._nominal_frame_seconds
-
-
-class _Timed(Protocol):
-    seconds: Fraction
-
-
-Frame = TypeVar("Frame", bound=_Timed)
-
-
-def decode_from(
-    from_seconds: Fraction,
-    after_seek: Callable[[Fraction], Iterator[Frame] | None],
-    from_start: Callable[[], Iterator[Frame]],
-) -> Generator[Frame, None, None]:
-    """Frames from the one on screen at `from_seconds` on, for any decoder that can seek.
-
-    `after_seek` decodes from the keyframe the index puts at or before that moment (None when it
-    cannot seek). An index can be wrong: if the first frame lands after the moment, decoding starts
-    again from the beginning, so the frame on screen then is never missed.
-    """
-    if from_seconds > 0:
-        iterator = after_seek(from_seconds)
-        if iterator is not None:
-            first = next(iterator, None)
-            if first is None or first.seconds <= from_seconds:
-                if first is not None:
-                    yield first
-                yield from iterator
-                return
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
-    yield from from_start()
 
 
 def probe(path: Path) -> SourceInfo:

@@ -101,6 +101,10 @@ class _WorkerHandle:
     idle: bool = False
     stage: str = "starting"
     stop_sent: bool = False
+    # Watchdog: when the worker last showed progress, and how long it said it would wait on purpose.
+    last_progress: float = field(default_factory=time.monotonic)
+    announced_wait: float = 0.0
+    stalled: str | None = None  # why the watchdog killed it
 
 
 class Supervisor:
@@ -304,6 +308,7 @@ class Supervisor:
         task = self.queue.popleft()
         self._queued_urls.discard(task.url)
         handle.task, handle.idle, handle.stage = task, False, "queued"
+        handle.last_progress, handle.announced_wait = time.monotonic(), 0.0
         self.ledger.mark_running(task.url, handle.index)
         handle.conn.send({"type": "task", "task": asdict(task)})
 
@@ -317,6 +322,11 @@ class Supervisor:
     def _handle_message(self, handle: _WorkerHandle, message: dict[str, Any]) -> None:
         assert self.ledger is not None
         kind = message["type"]
+        # Every message is a sign of life; a progress message may announce a deliberate wait.
+        handle.last_progress = time.monotonic()
+        handle.announced_wait = float(message.get("waiting_seconds") or 0.0)
+        if kind == "progress":
+            return
         if kind == "ready":
             handle.task = None
             self._assign(handle)
@@ -384,18 +394,15 @@ class Supervisor:
                 part.unlink(missing_ok=True)
             crashes = self.ledger.record_crash(task.url)
             if crashes >= CRASH_LIMIT:
-                self._conclude(
-                    task.url,
-                    "failed",
-                    f"worker died {crashes} times while processing this URL (last: {how})",
-                    retryable=False,
+                reason = (
+                    handle.stalled or f"worker died {crashes} times while processing this URL (last: {how})"
                 )
+                self._conclude(task.url, "failed", reason, retryable=False)
             elif self.urgent:
                 self.ledger.set_pending(task.url)
             else:
-                logger.warning(
-                    f"worker {handle.index} died ({how}) on {task.url}; the URL goes back in the queue"
-                )
+                what = handle.stalled or f"died ({how})"
+                logger.warning(f"worker {handle.index} {what} on {task.url}; the URL goes back in the queue")
                 self.ledger.set_pending(task.url)
                 self.queue.appendleft(task)
                 self._queued_urls.add(task.url)
@@ -427,6 +434,7 @@ class Supervisor:
         for handle in list(self.workers.values()):
             if handle.idle and self.queue and not self.draining:
                 self._assign(handle)
+        self._kill_stalled()
         if not self.workers:
             time.sleep(min(timeout, 0.1))
             return
@@ -448,6 +456,24 @@ class Supervisor:
             self._drain_conn(handle)  # a result sent just before exiting still counts
             handle.process.join(timeout=5)
             self._handle_death(handle)
+
+    def _kill_stalled(self) -> None:
+        """Defence in depth: a worker with work and no sign of life for run.stall_seconds is killed.
+
+        Its death is then handled like a crash (the URL is retried once, then failed), with the
+        stall as the reason."""
+        limit = self.settings.run.stall_seconds
+        if not limit:
+            return
+        now = time.monotonic()
+        for handle in self.workers.values():
+            if handle.task is None or handle.stalled or not handle.process.is_alive():
+                continue
+            if now - handle.last_progress <= limit + handle.announced_wait:
+                continue
+            handle.stalled = f"stalled: no progress for {limit:g} s in {handle.stage}"
+            logger.error(f"worker {handle.index} {handle.stalled} on {handle.task.url}; killing it")
+            handle.process.kill()
 
     def _drain_conn(self, handle: _WorkerHandle) -> None:
         try:

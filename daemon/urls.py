@@ -68,7 +68,8 @@ def parse_url_list(path: Path, text: str | None = None) -> UrlList:
             candidate = Path(line).expanduser()
             if not candidate.is_absolute():
                 candidate = (path.parent / candidate).resolve()
-            if not candidate.is_file():
+            # A named pipe is a source too: another program can stream a video into it.
+            if not (candidate.is_file() or candidate.is_fifo()):
                 problems.append(f"{where}: neither an http(s) URL nor an existing file: {line!r}")
                 continue
             url = str(candidate)

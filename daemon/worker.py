@@ -41,14 +41,34 @@ class WorkerPaths:
     log_dir: str
 
 
+# Heartbeats go to the supervisor at most this often; its watchdog waits minutes, not seconds.
+HEARTBEAT_SECONDS = 1.0
+
+
 class _Reporter:
-    """Sends clip results and frame counts to the supervisor as they happen."""
+    """Sends clip results, frame counts and signs of life to the supervisor as they happen."""
 
     def __init__(self, conn: Any, url: str) -> None:
         self.conn = conn
         self.url = url
         self._frames = 0
         self._last_sent = time.monotonic()
+        self._last_heartbeat = 0.0
+
+    def heartbeat(self) -> None:
+        """Work moved (bytes arrived, a frame was decoded): tells the watchdog, now and then."""
+        now = time.monotonic()
+        if now - self._last_heartbeat >= HEARTBEAT_SECONDS:
+            self._last_heartbeat = now
+            self.conn.send({"type": "progress", "url": self.url, "waiting_seconds": 0.0})
+
+    def frame_decoded(self) -> None:
+        self.heartbeat()
+
+    def waiting(self, seconds: float) -> None:
+        """A deliberate wait (retry back-off, a GPU slot): the watchdog allows for it."""
+        self._last_heartbeat = time.monotonic()
+        self.conn.send({"type": "progress", "url": self.url, "waiting_seconds": seconds})
 
     def clip_finished(self, result: ClipResult) -> None:
         self.conn.send({"type": "clip", "url": self.url, **asdict(result)})
@@ -113,6 +133,7 @@ class Worker:
         started = time.monotonic()
         download_seconds = 0.0
         result: dict[str, Any] = {"type": "result", "url": task.url}
+        reporter = _Reporter(self.conn, task.url)
         try:
             with logger.contextualize(stage="download"):
                 self._stage(task.url, "download")
@@ -122,7 +143,12 @@ class Worker:
                 else:
                     logger.info(f"downloading {task.url}")
                     source = download(
-                        task.url, self.temp_dir, self.settings.download, self.settings.output, self._on_retry
+                        task.url,
+                        self.temp_dir,
+                        self.settings.download,
+                        self.settings.output,
+                        lambda failure, attempt, delay: self._on_retry(failure, attempt, delay, reporter),
+                        on_bytes=reporter.heartbeat,
                     )
                     download_seconds = time.monotonic() - started
                     logger.info(
@@ -136,7 +162,6 @@ class Worker:
             with logger.contextualize(stage="process"):
                 self._stage(task.url, "process")
                 process_started = time.monotonic()
-                reporter = _Reporter(self.conn, task.url)
                 clips = [Clip(start, end) for start, end in task.clips]
                 # Only this part takes a GPU slot, and only when the GPU is used.
                 outcome = self.gpu.process(
@@ -159,10 +184,11 @@ class Worker:
             self._clear_temp()
         self.conn.send(result)
 
-    def _on_retry(self, failure: DownloadFailure, attempt: int, delay: float) -> None:
+    def _on_retry(self, failure: DownloadFailure, attempt: int, delay: float, reporter: _Reporter) -> None:
         logger.warning(
             f"attempt {attempt} failed ({failure.kind}): {failure.reason}; retrying in {delay:.1f}s"
         )
+        reporter.waiting(delay)
 
     def _clear_temp(self) -> None:
         """The source goes before the next URL is taken: disk use stays at one source per worker."""

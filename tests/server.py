@@ -17,6 +17,7 @@ class Route:
     fail_first: int = 0  # answer the first N GETs with `fail_status`
     fail_status: int = 503
     drop_gets: tuple[int, ...] = ()  # cut the connection a third of the way into these GETs (1-based)
+    stall_gets: tuple[int, ...] = ()  # send half the body of these GETs, then nothing until shutdown
     gets: int = 0
     requests: list[str] = field(default_factory=list)
 
@@ -25,6 +26,7 @@ class MediaServer:
     def __init__(self) -> None:
         self.routes: dict[str, Route] = {}
         self.lock = threading.Lock()
+        self.closing = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -73,6 +75,12 @@ class MediaServer:
                 self.end_headers()
                 if head:
                     return
+                if attempt in route.stall_gets:
+                    self.wfile.write(body[start : start + (len(body) - start) // 2])
+                    self.wfile.flush()
+                    server.closing.wait(60)  # bounded: the server never outlives its test by long
+                    self.close_connection = True
+                    return
                 if attempt in route.drop_gets:
                     self.wfile.write(body[start : start + (len(body) - start) // 3])
                     self.wfile.flush()
@@ -98,6 +106,7 @@ class MediaServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.closing.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 

@@ -71,6 +71,8 @@ def test_the_decoder_side_resize_matches_the_stage(tmp_path) -> None:  # type: i
 
         def frames_written(self, count: int) -> None: ...
 
+        def frame_decoded(self) -> None: ...
+
     for mode in ("crop", "pad", "stretch"):
         settings = load_settings(
             None,

@@ -60,6 +60,12 @@ class _Recorder:
     def frames_written(self, count: int) -> None:
         self.sink.frames_written(count)
 
+    def frame_decoded(self) -> None:
+        self.sink.frame_decoded()
+
+    def waiting(self, seconds: float) -> None:
+        self.sink.waiting(seconds)
+
     def unfinished(self, clips: list[Clip]) -> list[Clip]:
         return [clip for clip in clips if (clip.start_frame, clip.end_frame) not in self.done]
 
@@ -137,12 +143,12 @@ class GpuRuntime:
         return VideoSource(path, threads=self.settings.decode.threads)
 
     @contextlib.contextmanager
-    def slot(self, what: str) -> Iterator[None]:
+    def slot(self, what: str, on_wait: Callable[[float], None] | None = None) -> Iterator[None]:
         """A GPU slot for the body, or nothing at all on the CPU path."""
         if self.slots is None:
             yield
             return
-        with self.slots.hold(what):
+        with self.slots.hold(what, on_wait):
             yield
 
     def _cpu_fallback(self, cutter: ClipCutter) -> ClipCutter:
@@ -178,7 +184,7 @@ class GpuRuntime:
         try:
             while True:
                 try:
-                    with self.slot(f"{video_id} ({len(remaining)} clip(s))"):
+                    with self.slot(f"{video_id} ({len(remaining)} clip(s))", sink.waiting):
                         outcome = cutter.run(source, video_id, remaining, output_dir, recorder, should_stop)
                     return VideoOutcome(results=recorder.results, interrupted=outcome.interrupted)
                 except torch.cuda.OutOfMemoryError:

@@ -25,7 +25,7 @@ import torch
 from daemon.config import EncodeSettings
 from daemon.encode import PART_SUFFIX, EncodeError, publish, tag_bt709
 from daemon.gpu.color import crop_nv12, nv12_to_rgb, rgb_to_nv12
-from daemon.source import VideoSource, declared_colour, decode_from
+from daemon.source import VideoSource, declared_colour
 
 # What NVDEC decodes to NV12 (8-bit 4:2:0), with its size limits: (min w, min h, max w, max h).
 # From NVIDIA's NVDEC support matrix for Turing and later; older parts fail at decoder creation
@@ -95,8 +95,6 @@ class NvdecSource:
         self.device = torch.device("cuda", device_id)
         # PyAV knows the stream's time base, start and rate the CPU path uses; it also finds keyframes.
         self._meta = VideoSource(path)
-        self.time_base = self._meta.time_base
-        self._origin = self._meta._origin
         context = self._meta.stream.codec_context
         # NVDEC hands back samples, not colours: an SD BT.601 or a full-range source must be read as
         # such, exactly as the CPU decoder's swscale reads it.
@@ -117,26 +115,18 @@ class NvdecSource:
         return self._meta.nominal_frame_seconds
 
     def frames(self, from_seconds: Fraction = Fraction(0)) -> Generator[GpuFrame, None, None]:
-        return decode_from(from_seconds, self._decode_after_seek, lambda: self._decode(None))
+        """Frames from the keyframe the index puts at or before `from_seconds` (see VideoSource)."""
+        if from_seconds <= 0:
+            return self._decode(None)
+        key_seconds = self._meta.keyframe_seconds(from_seconds)
+        if key_seconds is None or key_seconds <= 0:
+            return self._decode(None)
+        return self._decode(key_seconds)
 
-    def _decode_after_seek(self, seconds: Fraction) -> Generator[GpuFrame, None, None] | None:
-        key_pts = self._keyframe_pts(seconds)
-        return None if key_pts is None else self._decode(key_pts)
+    def keyframe_seconds(self, at_or_before: Fraction) -> Fraction | None:
+        return self._meta.keyframe_seconds(at_or_before)
 
-    def _keyframe_pts(self, seconds: Fraction) -> int | None:
-        """Presentation time stamp of the keyframe the container's index puts at or before `seconds`."""
-        container = self._meta._container
-        stream = self._meta.stream
-        try:
-            container.seek(int(seconds / self.time_base) + self._origin, backward=True, stream=stream)
-            for packet in container.demux(stream):
-                if packet.pts is not None and packet.is_keyframe:
-                    return int(packet.pts)
-        except av.error.FFmpegError:
-            return None
-        return None
-
-    def _decode(self, start_pts: int | None) -> Generator[GpuFrame, None, None]:
+    def _decode(self, start_seconds: Fraction | None) -> Generator[GpuFrame, None, None]:
         nvc = self._nvc
         # A fresh demuxer and decoder per (re)start: nothing from before a seek can leak out.
         try:
@@ -150,13 +140,14 @@ class NvdecSource:
             )
         except Exception as exc:  # noqa: BLE001 - whatever the binding raises, the CPU takes over
             raise NvdecError(f"{self.path.name}: NVDEC decoder cannot be created: {exc}") from exc
-        started = start_pts is None
+        started = start_seconds is None
+        clock = self._meta.clock
         last_pts: int | None = None
         try:
             for packet in demuxer:
                 if not started:
                     # Packets before the keyframe are skipped undecoded; the keyframe opens its GOP.
-                    if packet.pts != start_pts:
+                    if packet.pts is None or clock.seconds(int(packet.pts)) != start_seconds:
                         continue
                     started = True
                 for decoded in decoder.Decode(packet):
@@ -184,7 +175,7 @@ class NvdecSource:
         nv12 = crop_nv12(surface, self.width, self.height)
         if nv12 is surface:
             nv12 = surface.clone(memory_format=torch.contiguous_format)
-        return GpuFrame(nv12, Fraction(pts - self._origin) * self.time_base, self.colour), pts
+        return GpuFrame(nv12, self._meta.clock.seconds(pts), self.colour), pts
 
 
 def _device_tensor(decoded: Any, device: torch.device) -> torch.Tensor:

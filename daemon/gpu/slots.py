@@ -83,8 +83,9 @@ class GpuSlots:
         return f"{free:.0f} MiB free, {self.min_free_memory_mb:.0f} MiB wanted"
 
     @contextlib.contextmanager
-    def hold(self, what: str = "GPU work") -> Iterator[int]:
-        """Hold a slot for the body of the `with`; yields its index. Waits while none is free."""
+    def hold(self, what: str = "GPU work", on_wait: Callable[[float], None] | None = None) -> Iterator[int]:
+        """Hold a slot for the body of the `with`; yields its index. Waits while none is free,
+        telling `on_wait` how long each wait will be (a watchdog must not take it for a stall)."""
         started = time.monotonic()
         delay = self.wait_initial_seconds
         waits = 0
@@ -97,6 +98,8 @@ class GpuSlots:
             if waits == 0:
                 logger.info(f"waiting for a GPU slot for {what}: {why}")
             waits += 1
+            if on_wait is not None:
+                on_wait(delay)
             self._sleep(delay)
             delay = min(max(delay * 2, 0.01), self.wait_max_seconds)
         index, fd = taken

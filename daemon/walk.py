@@ -1,0 +1,153 @@
+"""Walking a source along a clip schedule: decode what the clips need, seek across gaps, never loop.
+
+The rules that make every walk end:
+- a seek is made only when the index puts a keyframe after the last decoded frame, so each seek
+  lands strictly further on than the walk has been (never where the last one did);
+- if a seek lands after the moment asked for (a wrong index), decoding restarts from the
+  beginning once, and the walk makes no further seeks: from then on it decodes straight through.
+Each decoded frame therefore lies after the previous one, but for at most one restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Generic, Protocol, TypeVar
+
+from daemon.timing import FrameSchedule
+
+
+class TimedFrame(Protocol):
+    @property
+    def seconds(self) -> Fraction: ...
+
+    @property
+    def duration_seconds(self) -> Fraction | None: ...
+
+
+Frame = TypeVar("Frame", bound=TimedFrame)
+Frame_co = TypeVar("Frame_co", bound=TimedFrame, covariant=True)
+
+
+class SeekableSource(Protocol[Frame_co]):
+    """What a walk needs of a decoder (daemon.source.VideoSource, daemon.gpu.nvcodec.NvdecSource)."""
+
+    @property
+    def nominal_frame_seconds(self) -> Fraction: ...
+
+    def frames(self, from_seconds: Fraction = ...) -> Iterator[Frame_co]:
+        """Decoded frames in presentation order, from the keyframe at or before `from_seconds`."""
+
+    def keyframe_seconds(self, at_or_before: Fraction) -> Fraction | None:
+        """Where a seek to that moment would land, without moving the decoder; None if unknown."""
+
+
+@dataclass(frozen=True)
+class Shown(Generic[Frame]):
+    """A decoded frame and the end of its time on screen (the next frame's time, or its duration)."""
+
+    frame: Frame
+    end_seconds: Fraction
+    # The first frame after a (re)start: unserved moments before it are its own (only ever the
+    # moments before a stream's first frame).
+    first: bool
+
+
+class FrameWalk(Generic[Frame]):
+    """Yields the frames a schedule needs, each with its end time; iterate once."""
+
+    def __init__(
+        self,
+        source: SeekableSource[Frame],
+        schedule: FrameSchedule,
+        seek_threshold_seconds: Fraction,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_decoded: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.source = source
+        self.schedule = schedule
+        self.seek_threshold_seconds = seek_threshold_seconds
+        self.should_stop = should_stop
+        self.on_decoded = on_decoded
+        self.interrupted = False  # a stop request ended the walk with clips still to start
+        self.end_seconds = Fraction(0)  # where the last frame shown leaves the screen
+        self.seeks = 0
+        self.restarts = 0
+
+    def __iter__(self) -> Iterator[Shown[Frame]]:
+        upcoming = self.schedule.next_start_seconds() or Fraction(0)
+        frames = self._open(upcoming if self._worth_seeking(None, upcoming) else Fraction(0))
+        previous: Frame | None = None
+        previous_first = True
+        try:
+            while True:
+                current = next(frames, None)
+                if previous is not None:
+                    if current is not None:
+                        end = current.seconds
+                    else:
+                        end = previous.seconds + (
+                            previous.duration_seconds or self.source.nominal_frame_seconds
+                        )
+                    self.end_seconds = end
+                    yield Shown(previous, end, previous_first)
+                    previous_first = False
+                if current is None:
+                    return
+                self.on_decoded()
+                previous = current
+                if self.schedule.active():
+                    continue
+                if self.should_stop():
+                    self.interrupted = True
+                    return
+                next_start = self.schedule.next_start_seconds()
+                if next_start is None:
+                    return
+                if self._worth_seeking(current.seconds, next_start):
+                    # Safe to drop `current` unshown: a keyframe lies after it and at or before
+                    # `next_start`, so its time on screen ends before any clip needs it.
+                    _close(frames)
+                    frames = self._open(next_start)
+                    previous, previous_first = None, True
+        finally:
+            _close(frames)
+
+    def _worth_seeking(self, position: Fraction | None, target: Fraction) -> bool:
+        """Seek only across a long gap, only forward, and never again after a restart."""
+        if self.restarts or target <= 0:
+            return False
+        if position is not None and target - position <= self.seek_threshold_seconds:
+            return False
+        if position is None and target <= self.seek_threshold_seconds:
+            return False
+        landing = self.source.keyframe_seconds(target)
+        return landing is not None and landing > (position if position is not None else Fraction(0))
+
+    def _open(self, from_seconds: Fraction) -> Iterator[Frame]:
+        """Frames from the one on screen at `from_seconds`; from the start if the index misled."""
+        if from_seconds <= 0:
+            return iter(self.source.frames(Fraction(0)))
+        self.seeks += 1
+        frames = iter(self.source.frames(from_seconds))
+        first = next(frames, None)
+        if first is not None and first.seconds <= from_seconds:
+            return _chain(first, frames)
+        _close(frames)
+        self.restarts += 1
+        return iter(self.source.frames(Fraction(0)))
+
+
+def _chain(first: Frame, rest: Iterator[Frame]) -> Iterator[Frame]:
+    try:
+        yield first
+        yield from rest
+    finally:
+        _close(rest)
+
+
+def _close(frames: Iterator[object]) -> None:
+    close = getattr(frames, "close", None)
+    if close is not None:
+        close()
