@@ -61,6 +61,9 @@ class _Sink:
     def frames_written(self, count: int) -> None:
         pass
 
+    def frame_decoded(self) -> None:
+        pass
+
 
 def timed(label: str, frames: int, run: Callable[[], object], sync: Callable[[], None]) -> float:
     sync()

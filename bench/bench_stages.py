@@ -98,6 +98,9 @@ class _Count:
     def frames_written(self, count: int) -> None:
         pass
 
+    def frame_decoded(self) -> None:
+        pass
+
 
 def pipeline(settings: Settings, source: Path, frames: int, out: Path, device: torch.device) -> float:
     cutter = ClipCutter(settings, build_stages(settings, device), device)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import signal
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -143,6 +145,22 @@ def expected(clip: Clip, source_times: list[Fraction], fps: float = 30, clip_fps
         candidates = [i for i, t in enumerate(source_times) if t <= moment]
         shown.append(candidates[-1] if candidates else 0)
     return shown
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Fail instead of hanging: the walk's loop runs Python code, where SIGALRM interrupts it."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"still running after {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class CollectedClips:

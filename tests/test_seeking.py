@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import signal
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -16,23 +14,7 @@ from daemon.timing import FrameSchedule
 from daemon.walk import FrameWalk
 
 from conftest import run_cli
-from media import cut, decoded_indices, expected, make_video
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Fail instead of hanging: the walk's loop runs Python code, where SIGALRM interrupts it."""
-
-    def expire(signum: int, frame: object) -> None:
-        raise TimeoutError(f"still running after {seconds}s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+from media import cut, decoded_indices, expected, make_video, time_limit
 
 
 class RecordingSource:
