@@ -148,10 +148,12 @@ def _run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     if not args.urls_file.is_file():
-        raise UsageError(f"--urls-file {args.urls_file}: no such file")
+        what = "a folder, not a file" if args.urls_file.is_dir() else "no such file"
+        raise UsageError(f"--urls-file {args.urls_file}: {what}")
     if not args.input_clip_dir.is_dir():
         raise UsageError(f"--input-clip-dir {args.input_clip_dir}: no such folder")
     paths = RunPaths.from_settings(settings, args.input_clip_dir, args.output_dir)
+    paths.check_writable()
     logs.configure_from_settings(
         "supervisor", logs.supervisor_log_path(paths.log_dir), settings.run, console=sys.stderr
     )

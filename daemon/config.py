@@ -273,6 +273,10 @@ def load_settings(path: Path | None, overrides: dict[str, Any] | None = None) ->
             raise ConfigError(f"{path}: config file not found") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not a UTF-8 text file: {exc.reason}") from exc
+        except OSError as exc:  # a folder, no permission, an I/O error
+            raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from exc
     nested: dict[str, Any] = {}
     for dotted, value in (overrides or {}).items():
         if value is None:

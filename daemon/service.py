@@ -34,7 +34,7 @@ from watchdog.observers import Observer
 from daemon.config import Settings
 from daemon.locking import try_exclusive_lock
 from daemon.status import STATUS_FILE
-from daemon.supervisor import RunPaths, Supervisor, install_signal_handlers
+from daemon.supervisor import RunPaths, Supervisor, folder_problem, install_signal_handlers
 from daemon.urls import parse_url_list
 
 CLAIMED, DONE, FAILED = "claimed", "done", "failed"
@@ -485,7 +485,11 @@ def serve_command(args: Any) -> int:
         raise UsageError(f"--input-clip-dir {clip_dir}: no such folder")
     if inbox.exists() and not inbox.is_dir():
         raise UsageError(f"--inbox {inbox}: not a folder")
+    problem = folder_problem(inbox)
+    if problem:
+        raise UsageError(f"--inbox {inbox}: {problem}")
     paths = RunPaths.from_settings(settings, clip_dir, output_dir)
+    paths.check_writable()
     logs.configure_from_settings(
         "supervisor", logs.supervisor_log_path(paths.log_dir), settings.run, console=sys.stderr
     )

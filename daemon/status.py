@@ -180,6 +180,8 @@ def status_command(args: Any) -> int:
     else:
         raise UsageError("status: give --output-dir (or --state-dir)")
     try:
+        if args.minutes <= 0 or args.errors < 0:
+            raise UsageError("status: --minutes must be above 0 and --errors 0 or more")
         status = read_status(state_dir / LEDGER_NAME, args.minutes, args.errors)
     except StatusError as exc:
         raise UsageError(str(exc)) from exc

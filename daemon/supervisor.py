@@ -19,7 +19,7 @@ from loguru import logger
 from multiprocess.connection import wait as wait_any
 
 from daemon.clips import Clip, clip_file_path, read_clip_file
-from daemon.config import Settings
+from daemon.config import ConfigError, Settings
 from daemon.diskspace import DiskGate, Floor
 from daemon.encode import PART_SUFFIX, remove_partial_files
 from daemon.ledger import Ledger
@@ -65,6 +65,37 @@ class RunPaths:
             temp_root=base.resolve() / f"download_and_process-{tag}",
             log_dir=log_dir,
         )
+
+    def check_writable(self) -> None:
+        """Create every folder the run writes to and write a file in each, before any download.
+
+        A folder that cannot be used raises ConfigError naming the folder, its setting and why."""
+        for what, folder in (
+            ("output folder (--output-dir)", self.output_dir),
+            ("state folder (run.state_dir)", self.state_dir),
+            ("temp folder (--temp-dir, run.temp_dir)", self.temp_root.parent),
+            ("log folder (run.log_dir)", self.log_dir),
+        ):
+            problem = folder_problem(folder)
+            if problem:
+                raise ConfigError(f"{what} {folder}: {problem}")
+
+
+def folder_problem(folder: Path) -> str:
+    """Why `folder` cannot be created or written to, or "" when it can."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), folder)
+        return f"cannot be created: {blocker} is a file, not a folder"
+    except OSError as exc:
+        return f"cannot be created: {exc.strerror or exc}"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return f"cannot be written to: {exc.strerror or exc}"
+    return ""
 
 
 @dataclass
