@@ -116,8 +116,9 @@ class DownloadSettings(_Section):
 
 
 class DecodeSettings(_Section):
-    # A gap between clips longer than this is crossed by seeking rather than decoding through.
-    seek_threshold_seconds: float = Field(5.0, ge=0)
+    # A gap between clips is crossed by seeking when the index puts a keyframe in it more than
+    # this far ahead of the last decoded frame (the decoding a seek must save to be worth it).
+    seek_threshold_seconds: float = Field(0.5, ge=0)
     batch_size: int = Field(8, ge=1, le=256)
     threads: int = Field(0, ge=0)
 

@@ -251,6 +251,10 @@ class VideoSource:
             return None
         return None
 
+    def skip_unreferenced(self, skip: bool) -> None:
+        """Drop frames no other frame references (B-frames, mostly) while nothing will show them."""
+        self.stream.codec_context.skip_frame = "NONREF" if skip else "DEFAULT"
+
     def _seek(self, seconds: Fraction) -> None:
         try:
             self._container.seek(self.clock.pts(seconds), backward=True, any_frame=False, stream=self.stream)

@@ -1,11 +1,16 @@
 """Walking a source along a clip schedule: decode what the clips need, seek across gaps, never loop.
 
 The rules that make every walk end:
-- a seek is made only when the index puts a keyframe after the last decoded frame, so each seek
-  lands strictly further on than the walk has been (never where the last one did);
+- a seek is made only when the index puts a keyframe more than the seek threshold after the last
+  decoded frame, so each seek lands strictly further on than the walk has been (never where the
+  last one did);
 - if a seek lands after the moment asked for (a wrong index), decoding restarts from the
   beginning once, and the walk makes no further seeks: from then on it decodes straight through.
 Each decoded frame therefore lies after the previous one, but for at most one restart.
+
+Between clips nothing is shown, so the decoder may drop frames that no other frame needs (the
+B-frames of most streams): it does so while the next clip is more than SKIP_MARGIN_SECONDS away,
+far enough that every frame that could be on screen when the clip starts is decoded in full.
 """
 
 from __future__ import annotations
@@ -16,6 +21,10 @@ from fractions import Fraction
 from typing import Generic, Protocol, TypeVar
 
 from daemon.timing import FrameSchedule
+
+# Frame-threaded decoders hold a few dozen frames at most; a second covers them at any frame rate
+# that matters, so no frame near a clip was decoded while skipping.
+SKIP_MARGIN_SECONDS = Fraction(1)
 
 
 class TimedFrame(Protocol):
@@ -41,6 +50,9 @@ class SeekableSource(Protocol[Frame_co]):
 
     def keyframe_seconds(self, at_or_before: Fraction) -> Fraction | None:
         """Where a seek to that moment would land, without moving the decoder; None if unknown."""
+
+    def skip_unreferenced(self, skip: bool) -> None:
+        """Let the decoder drop frames no other frame references (B-frames), or stop doing so."""
 
 
 @dataclass(frozen=True)
@@ -74,10 +86,13 @@ class FrameWalk(Generic[Frame]):
         self.end_seconds = Fraction(0)  # where the last frame shown leaves the screen
         self.seeks = 0
         self.restarts = 0
+        self._landings: dict[Fraction, Fraction | None] = {}  # seek target -> where it would land
+        self._skipping = False
 
     def __iter__(self) -> Iterator[Shown[Frame]]:
         upcoming = self.schedule.next_start_seconds() or Fraction(0)
         frames = self._open(upcoming if self._worth_seeking(None, upcoming) else Fraction(0))
+        self._skip(upcoming > SKIP_MARGIN_SECONDS)
         previous: Frame | None = None
         previous_first = True
         try:
@@ -111,19 +126,26 @@ class FrameWalk(Generic[Frame]):
                     _close(frames)
                     frames = self._open(next_start)
                     previous, previous_first = None, True
+                self._skip(next_start - current.seconds > SKIP_MARGIN_SECONDS)
         finally:
             _close(frames)
+            self._skip(False)
+
+    def _skip(self, skip: bool) -> None:
+        if skip != self._skipping:
+            self._skipping = skip
+            self.source.skip_unreferenced(skip)
 
     def _worth_seeking(self, position: Fraction | None, target: Fraction) -> bool:
-        """Seek only across a long gap, only forward, and never again after a restart."""
-        if self.restarts or target <= 0:
+        """Seek only forward, only when it skips more than the threshold of decoding, and never
+        again after a restart."""
+        start = position if position is not None else Fraction(0)
+        if self.restarts or target - start <= self.seek_threshold_seconds:
             return False
-        if position is not None and target - position <= self.seek_threshold_seconds:
-            return False
-        if position is None and target <= self.seek_threshold_seconds:
-            return False
-        landing = self.source.keyframe_seconds(target)
-        return landing is not None and landing > (position if position is not None else Fraction(0))
+        if target not in self._landings:  # asked once per target: the answer does not change
+            self._landings[target] = self.source.keyframe_seconds(target)
+        landing = self._landings[target]
+        return landing is not None and landing - start > self.seek_threshold_seconds
 
     def _open(self, from_seconds: Fraction) -> Iterator[Frame]:
         """Frames from the one on screen at `from_seconds`; from the start if the index misled."""

@@ -31,6 +31,9 @@ class RecordingSource:
     def keyframe_seconds(self, at_or_before: Fraction) -> Fraction | None:
         return self.source.keyframe_seconds(at_or_before)
 
+    def skip_unreferenced(self, skip: bool) -> None:
+        self.source.skip_unreferenced(skip)
+
     def frames(self, from_seconds: Fraction = Fraction(0)) -> Iterator[object]:
         for frame in self.source.frames(from_seconds):
             self.decoded.append(frame.seconds)
@@ -120,3 +123,19 @@ def test_the_command_from_the_report_writes_its_clip_in_seconds(workspace: dict[
     assert done.returncode == 0, done.stderr
     output = workspace["out"] / "onekey" / "onekey_0000165_0000180.hevc"
     assert decoded_indices(output) == list(range(165, 180))
+
+
+def test_b_frames_in_a_gap_are_not_decoded_and_the_clips_stay_exact(tmp_path: Path) -> None:
+    # One keyframe, so nothing to seek to: the gap 0.7 s to 9.3 s is crossed by decoding.
+    source = make_video(tmp_path / "b.mp4", fps=30, frames=300, gop=0, bframes=3)
+    clips = [Clip(10, 20), Clip(280, 290)]
+    frame_walk, decoded = walk(source, clips)
+    assert frame_walk.seeks == 0
+    assert len(decoded) < 200  # of 300: most B-frames of the gap were dropped undecoded
+    # The decoder stops skipping a second ahead of the clip; the few frames already in its pipeline
+    # then may still be skipped, but none of those within the last 0.6 s before the clip.
+    assert all(Fraction(i, 30) in decoded for i in range(262, 290))
+    results = cut(source, clips, tmp_path / "out")
+    for clip in clips:
+        shown = decoded_indices(Path(results[clip].path or ""))
+        assert shown == list(range(clip.start_frame, clip.end_frame))

@@ -126,6 +126,9 @@ class NvdecSource:
     def keyframe_seconds(self, at_or_before: Fraction) -> Fraction | None:
         return self._meta.keyframe_seconds(at_or_before)
 
+    def skip_unreferenced(self, skip: bool) -> None:
+        """NVDEC decodes every picture it is given; gaps cost it little next to the CPU's time."""
+
     def _decode(self, start_seconds: Fraction | None) -> Generator[GpuFrame, None, None]:
         nvc = self._nvc
         # A fresh demuxer and decoder per (re)start: nothing from before a seek can leak out.
