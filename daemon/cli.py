@@ -190,15 +190,19 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def check_stages(settings: Settings) -> None:
-    """Build every stage once before any download, so a missing model stops the run at once."""
+    """Build every stage once before any download, so a missing model or package stops the run at once."""
+    from daemon.extras import MissingExtra, require_for_stages
+
+    try:
+        require_for_stages(settings)
+    except MissingExtra as exc:
+        raise ConfigError(str(exc)) from exc
     if set(settings.stages) <= {"resize"}:
         return  # nothing to load, and no reason to import torch in the supervisor
-    import torch
-
     from daemon.stages import build_stages
 
     try:
-        build_stages(settings, torch.device("cpu"))
+        build_stages(settings, "cpu")
     except (FileNotFoundError, ImportError, ValueError, NotImplementedError) as exc:
         raise ConfigError(f"stages: {exc}") from exc
 
@@ -207,7 +211,8 @@ def check_gpu(settings: Settings) -> None:
     """encode.codec = "gpu" without a usable GPU stops the run here, before any download (exit 2)."""
     if settings.encode.codec != "gpu":
         return
-    from daemon.gpu import GpuUnavailable, select_backends
+    from daemon.gpu import select_backends
+    from daemon.gpu.probe import GpuUnavailable
 
     try:
         select_backends(settings)

@@ -152,7 +152,8 @@ def test_a_clip_nvenc_cannot_open_an_encoder_for_is_made_with_libx265(tmp_path: 
 
     from daemon.clips import Clip
     from daemon.config import load_settings
-    from daemon.gpu import BackendChoice, GpuRuntime
+    from daemon.gpu import GpuRuntime
+    from daemon.gpu.probe import BackendChoice
     from daemon.stages import build_stages
 
     from media import CollectedClips
