@@ -5,6 +5,7 @@ Workers talk to the supervisor over their own pipe, in plain dicts; they never t
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -44,14 +45,20 @@ class WorkerPaths:
 class _Reporter:
     """Sends clip results and frame counts to the supervisor as they happen."""
 
-    def __init__(self, conn: Any, url: str) -> None:
+    def __init__(self, conn: Any, url: str, output: dict[str, Any] | None = None) -> None:
         self.conn = conn
         self.url = url
+        self.output = output or {}  # width, height and fps of every clip, for the manifest
         self._frames = 0
         self._last_sent = time.monotonic()
 
     def clip_finished(self, result: ClipResult) -> None:
-        self.conn.send({"type": "clip", "url": self.url, **asdict(result)})
+        extra: dict[str, Any] = {}
+        if result.path and not result.error:
+            # Read back once while the file is still in the page cache; the manifest lists it.
+            with open(result.path, "rb") as handle:
+                extra = {"sha256": hashlib.file_digest(handle, "sha256").hexdigest(), **self.output}
+        self.conn.send({"type": "clip", "url": self.url, **asdict(result), **extra})
         if result.error:
             logger.warning(result.error)
         else:
@@ -129,6 +136,16 @@ class Worker:
                         f"downloaded {source.name} ({source.stat().st_size} bytes) in {download_seconds:.1f}s"
                     )
                 info = probe(source)
+                self.conn.send(
+                    {
+                        "type": "source",
+                        "url": task.url,
+                        "codec": info.codec,
+                        "width": info.width,
+                        "height": info.height,
+                        "fps": info.average_fps,
+                    }
+                )
                 logger.info(
                     f"source {info.codec} {info.width}x{info.height} "
                     f"{info.average_fps or 0:.3f} fps, {info.duration_seconds or 0:.1f}s"
@@ -136,7 +153,12 @@ class Worker:
             with logger.contextualize(stage="process"):
                 self._stage(task.url, "process")
                 process_started = time.monotonic()
-                reporter = _Reporter(self.conn, task.url)
+                output = self.settings.output
+                reporter = _Reporter(
+                    self.conn,
+                    task.url,
+                    {"width": output.width, "height": output.height, "fps": float(self.settings.fps)},
+                )
                 clips = [Clip(start, end) for start, end in task.clips]
                 # Only this part takes a GPU slot, and only when the GPU is used.
                 outcome = self.gpu.process(
