@@ -1,55 +1,25 @@
 """The core install: a resize-only run imports no torch, in the supervisor or in a worker.
 
-An environment without torch is made by a sitecustomize that every Python process of the run loads
-(workers are spawned, so they start fresh interpreters): its meta path finder refuses the model
-packages as if they were not installed, and notes every attempt in a file, so an import that some
-code catches and ignores is still seen.
+An environment without torch is made by `without_modules` (conftest): every process of the run,
+workers included, refuses the model packages as if they were not installed, and notes each attempt.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, cli_command
+from conftest import ROOT, cli_command, without_modules
 from media import decoded_indices, make_video
 
 BLOCKED = ("torch", "torchvision", "spandrel", "onnxruntime")
 
-SITECUSTOMIZE = f"""
-import os
-import sys
-
-BLOCKED = {BLOCKED!r}
-
-
-class _NotInstalled:
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            with open(os.environ["BLOCKED_IMPORTS_LOG"], "a") as log:
-                log.write(f"{{os.getpid()}} {{name}}\\n")
-            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-        return None
-
-
-sys.meta_path.insert(0, _NotInstalled)
-"""
-
 
 def without_torch(tmp_path: Path) -> tuple[dict[str, str], Path]:
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    attempts = tmp_path / "blocked-imports.log"
-    attempts.write_text("")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]))
-    env["BLOCKED_IMPORTS_LOG"] = str(attempts)
-    return env, attempts
+    return without_modules(tmp_path, BLOCKED)
 
 
 def test_the_blocker_works(tmp_path: Path) -> None:

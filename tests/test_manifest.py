@@ -15,18 +15,18 @@ from typing import Any
 import av
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, without_modules
 from media import make_video
 from server import MediaServer
 
 
-def manifest(*args: str) -> subprocess.CompletedProcess[str]:
+def manifest(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "daemon", "manifest", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        env=env or dict(os.environ, PYTHONPATH=str(ROOT)),
         timeout=120,
         check=False,
     )
@@ -127,3 +127,12 @@ def test_a_missing_ledger_or_pyarrow_is_one_line_and_exit_2(tmp_path: Path) -> N
         done.stderr.strip() == f"download_and_process: manifest: no ledger at {tmp_path / 'ledger.sqlite'}; "
         "give --output-dir or --state-dir of a run"
     )
+
+    env, _ = without_modules(tmp_path, ("pyarrow",))
+    done = manifest("--output-dir", str(tmp_path), "--format", "parquet", env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == (
+        "download_and_process: manifest: --format parquet needs pyarrow, which is not installed: "
+        "pip install 'download_and_process[parquet]'"
+    )
+    assert not (tmp_path / "manifest.parquet").exists()
