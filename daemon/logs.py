@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import heapq
+import json
+import os
+import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -70,71 +75,193 @@ def configure_from_settings(
     )
 
 
-def log_files(log_dir: Path, worker: int | None) -> list[Path]:
-    if worker is not None:
-        return [worker_log_path(log_dir, worker)]
-    files = [supervisor_log_path(log_dir)]
-    files += sorted(log_dir.glob("worker-*.log"), key=lambda p: int(p.stem.split("-")[1]))
-    return [f for f in files if f.exists()]
+# A log file's name: the supervisor's or a worker's, current ("worker-0.log") or rotated away by loguru
+# ("worker-0.2026-05-01_10-00-00_000000.log").
+_LOG_NAME = re.compile(r"^(?P<stream>supervisor|worker-(?P<worker>\d+))(?P<rotated>\..+)?\.log$")
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) \|")
 
 
-def _follow(paths: list[Path], poll_seconds: float) -> Iterator[str]:
-    """Like `tail -F`: new lines from every file, surviving rotation and files that appear late."""
-    handles: dict[Path, tuple[TextIO, int]] = {}
-
-    def open_at_end(path: Path) -> None:
-        handle = path.open("r", encoding="utf-8", errors="replace")
-        handle.seek(0, 2)
-        handles[path] = (handle, path.stat().st_ino)
-
-    for path in paths:
-        if path.exists():
-            open_at_end(path)
-    while True:
-        idle = True
-        for path in paths:
-            if path not in handles:
-                if path.exists():
-                    handles[path] = (path.open("r", encoding="utf-8", errors="replace"), path.stat().st_ino)
+def log_streams(log_dir: Path, worker: int | None) -> dict[str, list[Path]]:
+    """Each process's log files, oldest first (rotated ones, then the current one): stream -> files."""
+    streams: dict[str, list[Path]] = {}
+    if log_dir.is_dir():
+        for path in log_dir.iterdir():
+            match = _LOG_NAME.match(path.name)
+            if match is None:
                 continue
-            handle, inode = handles[path]
-            line = handle.readline()
-            while line:
-                idle = False
-                yield line
-                line = handle.readline()
+            if worker is not None and match["worker"] != str(worker):
+                continue
+            streams.setdefault(match["stream"], []).append(path)
+    for files in streams.values():
+        # The current file has no suffix and is always the newest; rotated names sort by date.
+        files.sort(key=lambda path: (path.name.count(".") == 1, path.name))
+
+    def order(stream: str) -> tuple[int, int]:
+        return (0, 0) if stream == "supervisor" else (1, int(stream.split("-")[1]))
+
+    return {stream: streams[stream] for stream in sorted(streams, key=order)}
+
+
+def log_files(log_dir: Path, worker: int | None) -> list[Path]:
+    return [path for files in log_streams(log_dir, worker).values() for path in files]
+
+
+def line_time(line: str) -> float | None:
+    """When a log line was written, for a line that starts a record (text or JSON); else None."""
+    match = _STAMP.match(line)
+    if match:
+        return datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+    if line.startswith("{"):
+        try:
+            return float(json.loads(line)["record"]["time"]["timestamp"])
+        except (ValueError, KeyError, TypeError):
+            return None
+    return None
+
+
+class _Records:
+    """Turns one stream's lines into (time, text) records; a traceback's lines stay with its record."""
+
+    def __init__(self) -> None:
+        self.last = float("-inf")
+
+    def __call__(self, lines: Iterable[str]) -> Iterator[tuple[float, str]]:
+        current: list[str] = []
+        for line in lines:
+            stamp = line_time(line)
+            if stamp is not None and current:
+                yield self.last, "".join(current)
+                current = []
+            if stamp is not None:
+                self.last = stamp
+            current.append(line)
+        if current:
+            yield self.last, "".join(current)
+
+
+def _lines(paths: list[Path]) -> Iterator[str]:
+    for path in paths:
+        try:
+            with path.open(encoding="utf-8", errors="replace") as handle:
+                yield from handle
+        except FileNotFoundError:
+            continue  # rotated away and removed by retention while we read
+
+
+class _Tail:
+    """New complete lines of one log file, like `tail -F`: survives rotation and a file that appears late."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handle: TextIO | None = None
+        self.inode = 0
+        self.partial = ""
+        self.records = _Records()
+        self.seen: set[int] = set()  # inodes read, so a rotated file is never read twice
+
+    def _open(self) -> bool:
+        try:
+            self.handle = self.path.open("r", encoding="utf-8", errors="replace")
+            self.inode = os.fstat(self.handle.fileno()).st_ino
+        except FileNotFoundError:
+            return False
+        self.seen.add(self.inode)
+        return True
+
+    def _missed(self) -> list[str]:
+        """Lines of files that were created and rotated away between two polls."""
+        found: list[str] = []
+        stem = self.path.name.removesuffix(".log")
+        for path in sorted(self.path.parent.glob(f"{stem}.*.log")):
             try:
-                rotated = path.stat().st_ino != inode
+                if path.stat().st_ino in self.seen:
+                    continue
+                self.seen.add(path.stat().st_ino)
+                found += path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
             except FileNotFoundError:
-                rotated = True
-            if rotated:
-                handle.close()
-                del handles[path]
-        if idle:
-            time.sleep(poll_seconds)
+                continue
+        return found
+
+    def lines(self) -> list[str]:
+        if self.handle is None and not self._open():
+            return []
+        assert self.handle is not None
+        found = self._read()
+        try:
+            rotated = self.path.stat().st_ino != self.inode
+        except FileNotFoundError:
+            rotated = True
+        if rotated:
+            found += self._read()  # the last lines written before the rename
+            if self.partial:
+                found.append(self.partial + "\n")
+                self.partial = ""
+            self.handle.close()
+            self.handle = None
+            found += self._missed()
+            if self._open():
+                found += self._read()
+        return found
+
+    def _read(self) -> list[str]:
+        assert self.handle is not None
+        found = []
+        for line in self.handle.readlines():
+            line = self.partial + line
+            self.partial = ""
+            if line.endswith("\n"):
+                found.append(line)
+            else:
+                self.partial = line  # the writer is mid-line; the rest comes on a later read
+        return found
 
 
 def show_logs(log_dir: Path, worker: int | None, follow: bool, out: TextIO = sys.stdout) -> int:
-    paths = log_files(log_dir, worker)
-    if worker is not None and not follow and not paths[0].exists():
+    """Every process's log, merged by time (or one worker's); with `follow`, new lines as they come."""
+    streams = log_streams(log_dir, worker)
+    if worker is not None and not follow and f"worker-{worker}" not in streams:
         print(f"no log for worker {worker} in {log_dir}", file=sys.stderr)
         return 1
-    if not paths and not follow:
+    if not streams and not follow:
         print(f"no log files in {log_dir}", file=sys.stderr)
         return 1
-    for path in paths:
-        if path.exists():
-            with path.open(encoding="utf-8", errors="replace") as handle:
-                for line in handle:
-                    out.write(line)
-    out.flush()
-    if follow:
-        if worker is None:
-            paths = [supervisor_log_path(log_dir)] + [worker_log_path(log_dir, i) for i in range(64)]
-        try:
-            for line in _follow(paths, poll_seconds=0.25):
-                out.write(line)
-                out.flush()
-        except KeyboardInterrupt:
-            return 0
-    return 0
+    if not follow:
+        merged = heapq.merge(*(_Records()(_lines(files)) for files in streams.values()), key=lambda r: r[0])
+        for _, text in merged:
+            out.write(text)
+        out.flush()
+        return 0
+    # The current files are read through their tails, so nothing written meanwhile is missed.
+    tails: dict[str, _Tail] = {}
+
+    def current(stream: str) -> Path:
+        return supervisor_log_path(log_dir) if stream == "supervisor" else log_dir / f"{stream}.log"
+
+    first: list[Iterator[tuple[float, str]]] = []
+    for stream, files in streams.items():
+        tail = tails[stream] = _Tail(current(stream))
+        rotated = [path for path in files if path != tail.path]
+        tail.seen.update(path.stat().st_ino for path in rotated if path.exists())
+        first.append(tail.records([*_lines(rotated), *tail.lines()]))
+    if worker is not None and f"worker-{worker}" not in tails:
+        tails[f"worker-{worker}"] = _Tail(worker_log_path(log_dir, worker))
+    try:
+        for _, text in heapq.merge(*first, key=lambda r: r[0]):
+            out.write(text)
+        out.flush()
+        while True:
+            if worker is None:
+                for stream in log_streams(log_dir, None):
+                    if stream not in tails:  # a worker started since
+                        tails[stream] = _Tail(current(stream))
+            batch = [record for tail in tails.values() for record in tail.records(tail.lines())]
+            if not batch:
+                time.sleep(0.25)
+                continue
+            # Sorted by time within what arrived together; the sort is stable, so equal times keep
+            # the supervisor first and each file's own order.
+            for _, text in sorted(batch, key=lambda r: r[0]):
+                out.write(text)
+            out.flush()
+    except KeyboardInterrupt:
+        return 0

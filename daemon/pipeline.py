@@ -6,11 +6,10 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
 import av
 import numpy as np
-import torch
 
 from daemon.clips import Clip
 from daemon.config import Settings
@@ -20,6 +19,9 @@ from daemon.stages import FrameBatch, Stage
 from daemon.stages.resize import Resize
 from daemon.timing import ClipTimeline, FrameSchedule
 from daemon.walk import FrameWalk
+
+if TYPE_CHECKING:  # resize-only runs pass numpy arrays and YUV frames; only the stages need tensors
+    import torch
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class ProgressSink(Protocol):
 
 EncoderFactory = Callable[[Path, int, int, Fraction], ClipEncoder]
 # A decoded picture on its way to a clip: RGB on the host or a device, or YUV ready to encode.
-Picture = np.ndarray | torch.Tensor | av.VideoFrame
+Picture: TypeAlias = "np.ndarray | torch.Tensor | av.VideoFrame"
 
 
 class ShownFrame(Protocol):
@@ -102,7 +104,7 @@ class ClipCutter:
         self,
         settings: Settings,
         stages: list[Stage],
-        device: torch.device,
+        device: torch.device | str,
         encoder_factory: EncoderFactory | None = None,
         source_factory: SourceFactory | None = None,
     ) -> None:
@@ -256,7 +258,9 @@ class ClipCutter:
             return source_frame.to_rgb()
         frame = source_frame.frame
         size, (left, top, width, height) = self._prescale.plan(frame.width, frame.height)
-        return source_frame.to_rgb(size)[top : top + height, left : left + width]
+        picture = source_frame.to_rgb(size)[top : top + height, left : left + width]
+        # `pad` leaves the borders; drawn here, the frame goes to the encoder without torch.
+        return self._prescale.pad_array(picture)
 
     def _flush(self, item: _ClipWork) -> None:
         pending, item.pending = item.pending, []
@@ -267,7 +271,7 @@ class ClipCutter:
             item.encoder.write_video_frames(cast(list[av.VideoFrame], pending))
             self._count(len(pending))
             return
-        pictures = cast(list[np.ndarray | torch.Tensor], pending)
+        pictures = cast("list[np.ndarray | torch.Tensor]", pending)
         if (
             self._passthrough
             and not getattr(item.encoder, "takes_device_tensors", False)
@@ -276,6 +280,8 @@ class ClipCutter:
             item.encoder.write(np.stack(cast(list[np.ndarray], pictures)))
             self._count(len(pictures))
             return
+        import torch
+
         stacked = stack_frames(pictures).to(self.device, non_blocking=True)
         batch = FrameBatch(rgb=stacked.permute(0, 3, 1, 2).float().div_(255), state=item.state)
         with torch.inference_mode():
@@ -324,11 +330,15 @@ class ClipCutter:
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return images.clamp(0, 1).mul(255).round_().to(torch.uint8)
 
 
 def stack_frames(frames: list[np.ndarray | torch.Tensor]) -> torch.Tensor:
     """(N, H, W, 3) uint8; frames NVDEC left on the device stay there."""
+    import torch
+
     if isinstance(frames[0], torch.Tensor):
         return torch.stack([torch.as_tensor(frame) for frame in frames])
     return torch.from_numpy(np.stack(frames))

@@ -322,6 +322,7 @@ class Service:
         run.problems = url_list.problems
         for problem in url_list.problems:
             logger.warning(problem)
+        self.supervisor.reject_lines(str(self.inbox_dir / path.name), url_list.rejected)
         run.urls = [source.url for source in url_list.sources]
         for url in run.urls:
             self.lists_by_url.setdefault(url, []).append(run)

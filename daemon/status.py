@@ -54,6 +54,7 @@ class ErrorRow:
 class Status:
     ledger: str
     counts: dict[str, int]
+    rejected_lines: int  # URL-list lines that named nothing to fetch, as the lists were last read
     workers: list[WorkerNow]
     throughput: Throughput
     errors: list[ErrorRow]
@@ -84,6 +85,7 @@ def read_status(ledger_path: Path, minutes: float = 10.0, error_count: int = 5) 
         ledger = Ledger(ledger_path, readonly=True)
         try:
             counts = ledger.counts()
+            rejected = ledger.rejected_line_count()
             workers = [
                 WorkerNow(r["worker"], r["url"], r["video_id"], r["stage"], now - (r["started_at"] or now))
                 for r in ledger.rows(
@@ -122,6 +124,7 @@ def read_status(ledger_path: Path, minutes: float = 10.0, error_count: int = 5) 
     return Status(
         ledger=str(ledger_path),
         counts={state: counts.get(state, 0) for state in URL_STATES},
+        rejected_lines=rejected,
         workers=workers,
         throughput=throughput,
         errors=errors,
@@ -140,7 +143,11 @@ def format_status(status: Status) -> str:
     lines = [f"ledger: {status.ledger}"]
     if status.service is not None:
         lines.append(f"service: running (pid {status.service['pid']}): {status.service.get('status', '')}")
-    lines.append("URLs: " + ", ".join(f"{state} {count}" for state, count in status.counts.items()))
+    lines.append(
+        "URLs: "
+        + ", ".join(f"{state} {count}" for state, count in status.counts.items())
+        + f"; list lines rejected {status.rejected_lines}"
+    )
     if status.workers:
         for worker in status.workers:
             lines.append(

@@ -22,9 +22,9 @@ from daemon.clips import Clip, clip_file_path, read_clip_file
 from daemon.config import ConfigError, Settings
 from daemon.diskspace import DiskGate, Floor
 from daemon.encode import PART_SUFFIX, remove_partial_files
-from daemon.ledger import Ledger
+from daemon.ledger import Ledger, SourceMeta
 from daemon.locking import try_exclusive_lock
-from daemon.urls import Source
+from daemon.urls import Rejected, Source
 from daemon.worker import Task, WorkerPaths, worker_main
 
 LEDGER_NAME = "ledger.sqlite"
@@ -103,9 +103,10 @@ class Totals:
     """What this run did; the summary printed at the end."""
 
     urls: dict[str, int] = field(default_factory=lambda: {"done": 0, "skipped": 0, "failed": 0})
+    rejected_lines: int = 0  # URL-list lines that named nothing to fetch
     clips_written: int = 0
     clips_failed: int = 0
-    frames: int = 0
+    frames: int = 0  # of the clips written; a clip that failed part-way adds none
     bytes: int = 0
     started: float = field(default_factory=time.monotonic)
     worker_restarts: int = 0
@@ -118,6 +119,7 @@ class Totals:
         fps = self.frames / self.seconds if self.seconds > 0 else 0.0
         return (
             f"URLs done {self.urls['done']}, skipped {self.urls['skipped']}, failed {self.urls['failed']}; "
+            f"list lines rejected {self.rejected_lines}; "
             f"clips written {self.clips_written}, clip errors {self.clips_failed}; frames {self.frames}; "
             f"{self.bytes / 1e6:.1f} MB; {self.seconds:.1f}s wall; {fps:.1f} frames/s"
         )
@@ -202,6 +204,12 @@ class Supervisor:
             self._lock_handle.close()
 
     # --- planning -----------------------------------------------------------------------------
+
+    def reject_lines(self, list_path: str, rejected: list[Rejected]) -> None:
+        """Counts the list's bad lines in the summary and keeps them in the ledger for `status`."""
+        assert self.ledger is not None
+        self.ledger.set_rejected_lines(list_path, [(r.line, r.text, r.reason) for r in rejected])
+        self.totals.rejected_lines += len(rejected)
 
     def submit(self, source: Source) -> str:
         """Record a source and queue what is missing of it; returns 'queued' or its final state."""
@@ -366,8 +374,11 @@ class Supervisor:
             self.ledger.set_stage(message["url"], message["stage"])
             self.on_event("stage", {"worker": handle.index, "url": message["url"], "stage": message["stage"]})
         elif kind == "frames":
-            self.totals.frames += message["count"]
+            # Live progress only: the summary counts the frames of clips written, when they are.
             self.on_event("frames", {"count": message["count"]})
+        elif kind == "source":
+            source = SourceMeta(message["codec"], message["width"], message["height"], message["fps"])
+            self.ledger.set_source(message["url"], source)
         elif kind == "clip":
             task = handle.task
             video_id = task.video_id if task else "?"
@@ -382,9 +393,14 @@ class Supervisor:
                 frames=message["frames"],
                 size=message["bytes"],
                 error=message["error"],
+                sha256=message.get("sha256"),
+                width=message.get("width"),
+                height=message.get("height"),
+                fps=message.get("fps"),
             )
             if state == "done":
                 self.totals.clips_written += 1
+                self.totals.frames += message["frames"]
                 self.totals.bytes += message["bytes"]
             else:
                 self.totals.clips_failed += 1

@@ -29,9 +29,27 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Rejected:
+    """A line of a URL list that names nothing to fetch; kept in the ledger so `status` counts it."""
+
+    list_path: str
+    line: int
+    text: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.list_path}:{self.line}: {self.reason}: {self.text!r}"
+
+
+@dataclass(frozen=True)
 class UrlList:
     sources: list[Source]
-    problems: list[str]
+    rejected: list[Rejected]
+
+    @property
+    def problems(self) -> list[str]:
+        """One `file:line: reason: 'text'` per rejected line."""
+        return [str(rejected) for rejected in self.rejected]
 
 
 def video_id_for(url: str) -> str:
@@ -51,17 +69,16 @@ def parse_url_list(path: Path, text: str | None = None) -> UrlList:
     if text is None:
         text = path.read_text(encoding="utf-8")
     sources: list[Source] = []
-    problems: list[str] = []
+    rejected: list[Rejected] = []
     seen: set[str] = set()
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        where = f"{path}:{number}"
         if line.startswith(("http://", "https://")):
             parsed = urllib.parse.urlparse(line)
             if not parsed.netloc or any(c.isspace() for c in line):
-                problems.append(f"{where}: not a valid URL: {line!r}")
+                rejected.append(Rejected(str(path), number, line, "not a valid URL"))
                 continue
             url = line
         else:
@@ -70,11 +87,13 @@ def parse_url_list(path: Path, text: str | None = None) -> UrlList:
                 candidate = (path.parent / candidate).resolve()
             # A named pipe is a source too: another program can stream a video into it.
             if not (candidate.is_file() or candidate.is_fifo()):
-                problems.append(f"{where}: neither an http(s) URL nor an existing file: {line!r}")
+                rejected.append(
+                    Rejected(str(path), number, line, "neither an http(s) URL nor an existing file")
+                )
                 continue
             url = str(candidate)
         if url in seen:
             continue
         seen.add(url)
         sources.append(Source(url=url, video_id=video_id_for(url), line=number, list_path=str(path)))
-    return UrlList(sources=sources, problems=problems)
+    return UrlList(sources=sources, rejected=rejected)

@@ -5,6 +5,7 @@ Workers talk to the supervisor over their own pipe, in plain dicts; they never t
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -48,9 +49,10 @@ HEARTBEAT_SECONDS = 1.0
 class _Reporter:
     """Sends clip results, frame counts and signs of life to the supervisor as they happen."""
 
-    def __init__(self, conn: Any, url: str) -> None:
+    def __init__(self, conn: Any, url: str, output: dict[str, Any] | None = None) -> None:
         self.conn = conn
         self.url = url
+        self.output = output or {}  # width, height and fps of every clip, for the manifest
         self._frames = 0
         self._last_sent = time.monotonic()
         self._last_heartbeat = 0.0
@@ -71,7 +73,12 @@ class _Reporter:
         self.conn.send({"type": "progress", "url": self.url, "waiting_seconds": seconds})
 
     def clip_finished(self, result: ClipResult) -> None:
-        self.conn.send({"type": "clip", "url": self.url, **asdict(result)})
+        extra: dict[str, Any] = {}
+        if result.path and not result.error:
+            # Read back once while the file is still in the page cache; the manifest lists it.
+            with open(result.path, "rb") as handle:
+                extra = {"sha256": hashlib.file_digest(handle, "sha256").hexdigest(), **self.output}
+        self.conn.send({"type": "clip", "url": self.url, **asdict(result), **extra})
         if result.error:
             logger.warning(result.error)
         else:
@@ -133,7 +140,12 @@ class Worker:
         started = time.monotonic()
         download_seconds = 0.0
         result: dict[str, Any] = {"type": "result", "url": task.url}
-        reporter = _Reporter(self.conn, task.url)
+        output = self.settings.output
+        reporter = _Reporter(
+            self.conn,
+            task.url,
+            {"width": output.width, "height": output.height, "fps": float(self.settings.fps)},
+        )
         try:
             with logger.contextualize(stage="download"):
                 self._stage(task.url, "download")
@@ -155,6 +167,16 @@ class Worker:
                         f"downloaded {source.name} ({source.stat().st_size} bytes) in {download_seconds:.1f}s"
                     )
                 info = probe(source)
+                self.conn.send(
+                    {
+                        "type": "source",
+                        "url": task.url,
+                        "codec": info.codec,
+                        "width": info.width,
+                        "height": info.height,
+                        "fps": info.average_fps,
+                    }
+                )
                 logger.info(
                     f"source {info.codec} {info.width}x{info.height} "
                     f"{info.average_fps or 0:.3f} fps, {info.duration_seconds or 0:.1f}s"

@@ -95,3 +95,38 @@ def run_cli(
     return subprocess.run(
         cli_command(workspace, *extra), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
     )
+
+
+BLOCKER = """
+import os
+import sys
+
+BLOCKED = {blocked!r}
+
+
+class _NotInstalled:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            with open(os.environ["BLOCKED_IMPORTS_LOG"], "a") as log:
+                log.write(f"{{os.getpid()}} {{name}}\\n")
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _NotInstalled)
+"""
+
+
+def without_modules(tmp_path: Path, modules: tuple[str, ...]) -> tuple[dict[str, str], Path]:
+    """An environment in which `modules` look not installed, to every Python process started with it
+    (a sitecustomize, so spawned workers too), and the file where each attempt to import one is noted:
+    an import that some code catches and ignores is still seen."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(BLOCKER.format(blocked=modules))
+    attempts = tmp_path / "blocked-imports.log"
+    attempts.write_text("")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]))
+    env["BLOCKED_IMPORTS_LOG"] = str(attempts)
+    return env, attempts

@@ -4,6 +4,10 @@ start without a GPU, codec = "auto" runs on the CPU without one, and the CPU pat
 from __future__ import annotations
 
 import ctypes
+import json
+import os
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -14,7 +18,7 @@ import pytest
 from daemon.gpu.nvcodec import nvdec_unsupported_reason
 from daemon.gpu.probe import GpuProbe, GpuUnavailable, choose_backends, probe_gpu, probe_in_child
 
-from conftest import FAST_CONFIG, run_cli
+from conftest import FAST_CONFIG, ROOT, run_cli
 from media import decoded_indices, index_image, make_video
 from server import MediaServer
 
@@ -152,7 +156,8 @@ def test_a_clip_nvenc_cannot_open_an_encoder_for_is_made_with_libx265(tmp_path: 
 
     from daemon.clips import Clip
     from daemon.config import load_settings
-    from daemon.gpu import BackendChoice, GpuRuntime
+    from daemon.gpu import GpuRuntime
+    from daemon.gpu.probe import BackendChoice
     from daemon.stages import build_stages
 
     from media import CollectedClips
@@ -184,3 +189,19 @@ def test_a_clip_nvenc_cannot_open_an_encoder_for_is_made_with_libx265(tmp_path: 
         "WARNING v_0000000_0000010.hevc: NVENC cannot open an encoder (Failed to load"
     )
     assert refusals[1].startswith("DEBUG v_0000005_0000015.hevc")
+
+
+def test_the_probe_runs_as_a_module_without_a_runpy_warning(tmp_path: Path) -> None:
+    """The package does not import the probe module, so `-m` runs the only copy there is."""
+    done = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "daemon.gpu.probe", "--device", "0"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "RuntimeWarning" not in done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["device_id"] == 0

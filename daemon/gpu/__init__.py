@@ -14,20 +14,22 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 from loguru import logger
 
 from daemon.config import Settings
-from daemon.gpu.probe import BackendChoice, GpuUnavailable, choose_backends, probe_gpu
 from daemon.gpu.slots import GpuSlots
 
 if TYPE_CHECKING:
+    # daemon.gpu.probe is imported where it is used, not here: `python -m daemon.gpu.probe` runs it
+    # as __main__, and a copy already imported by this package would make runpy warn. torch too is
+    # imported where used: a CPU worker with only a resize stage never imports it.
     from daemon.clips import Clip
     from daemon.encode import ClipEncoder
+    from daemon.gpu.probe import BackendChoice
     from daemon.pipeline import ClipCutter, ClipResult, FrameSource, ProgressSink, VideoOutcome
     from daemon.stages import Stage
 
-__all__ = ["BackendChoice", "GpuRuntime", "GpuUnavailable", "select_backends", "slot_dir"]
+__all__ = ["GpuRuntime", "select_backends", "slot_dir"]
 
 
 def slot_dir(settings: Settings) -> Path:
@@ -38,6 +40,8 @@ def slot_dir(settings: Settings) -> Path:
 
 def select_backends(settings: Settings) -> tuple[BackendChoice, str]:
     """(backends, device name); probes in a child process unless encode.codec = "cpu"."""
+    from daemon.gpu.probe import choose_backends, probe_gpu
+
     if settings.encode.codec == "cpu":
         return choose_backends("cpu", None), ""
     probe = probe_gpu(settings.run.device_id, settings.gpu.probe_timeout_seconds)
@@ -76,7 +80,8 @@ class GpuRuntime:
     def __init__(self, settings: Settings, choice: BackendChoice, device_name: str = "") -> None:
         self.settings = settings
         self.choice = choice
-        self.device = torch.device(choice.device)
+        # A device name, not a torch.device: torch is imported only by what computes on tensors.
+        self.device = choice.device
         self.device_id = settings.run.device_id
         self.slots: GpuSlots | None = None
         if choice.uses_gpu:
@@ -156,8 +161,7 @@ class GpuRuntime:
             from daemon.pipeline import ClipCutter
             from daemon.stages import build_stages
 
-            cpu = torch.device("cpu")
-            self._cpu_cutter = ClipCutter(self.settings, build_stages(self.settings, cpu), cpu)
+            self._cpu_cutter = ClipCutter(self.settings, build_stages(self.settings, "cpu"), "cpu")
             self._cpu_cutter.write_alpha = cutter.write_alpha
         return self._cpu_cutter
 
@@ -173,11 +177,14 @@ class GpuRuntime:
     ) -> VideoOutcome:
         """cutter.run inside a GPU slot; out of device memory, halve the batch and redo the unfinished
         clips; when that fails at batch size 1, or NVDEC fails, the CPU path finishes them."""
+        if self.slots is None:
+            return cutter.run(source, video_id, clips, output_dir, sink, should_stop)
+        # The GPU path only: the CPU path of a core install has no torch to import.
+        import torch
+
         from daemon.gpu.nvcodec import NvdecError
         from daemon.pipeline import VideoOutcome
 
-        if self.slots is None:
-            return cutter.run(source, video_id, clips, output_dir, sink, should_stop)
         recorder = _Recorder(sink)
         remaining = list(clips)
         reason = ""

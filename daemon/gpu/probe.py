@@ -73,7 +73,13 @@ def _probe_here(device_id: int) -> GpuProbe:
     no_driver = _driver_loadable()
     if no_driver:
         return GpuProbe(device_id, cuda_reason=no_driver, nvdec_reason=no_driver, nvenc_reason=no_driver)
-    import torch
+    try:
+        import torch
+    except ImportError:
+        from daemon.extras import pip_line
+
+        reason = f"torch is not installed, and the GPU path needs it ({pip_line('gpu')})"
+        return GpuProbe(device_id, cuda_reason=reason, nvdec_reason=reason, nvenc_reason=reason)
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:

@@ -8,11 +8,12 @@ state) lives in `batch.state`, a dict that belongs to one clip, so it starts emp
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from daemon.config import Settings
+
+if TYPE_CHECKING:  # a resize-only run never needs torch; the stages that do import it themselves
+    import torch
 
 
 @dataclass
@@ -28,18 +29,26 @@ class Stage(Protocol):
     def __call__(self, batch: FrameBatch) -> FrameBatch: ...
 
 
-def build_stages(settings: Settings, device: torch.device) -> list[Stage]:
-    from daemon.stages.composite import Composite
-    from daemon.stages.matte import Matte
-    from daemon.stages.resize import Resize
-    from daemon.stages.upscale import Upscale
+def build_stages(settings: Settings, device: torch.device | str) -> list[Stage]:
+    """The configured stages on `device` ("cpu", "cuda:0" or a torch.device).
 
-    builders: dict[str, Any] = {
-        "resize": Resize.from_settings,
-        "upscale": Upscale.from_settings,
-        "matte": Matte.from_settings,
-        "composite": Composite.from_settings,
-    }
+    Raises MissingExtra when a stage needs a package that is not installed."""
+    from daemon.extras import require_for_stages
+    from daemon.stages.resize import Resize
+
+    require_for_stages(settings)
+    builders: dict[str, Any] = {"resize": Resize.from_settings}
+    if any(name != "resize" for name in settings.stages):
+        import torch
+
+        from daemon.stages.composite import Composite
+        from daemon.stages.matte import Matte
+        from daemon.stages.upscale import Upscale
+
+        builders.update(
+            upscale=Upscale.from_settings, matte=Matte.from_settings, composite=Composite.from_settings
+        )
+        device = torch.device(device)
     stages: list[Stage] = []
     for name in settings.stages:
         if name not in builders:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
-import torch
-import torch.nn.functional as F
+import numpy as np
 
 from daemon.config import Settings
 from daemon.stages import FrameBatch
+
+if TYPE_CHECKING:  # planning a resize for the decoder's scaler needs no torch; resizing tensors does
+    import torch
 
 
 def parse_color(text: str) -> tuple[float, float, float]:
@@ -19,6 +21,8 @@ def parse_color(text: str) -> tuple[float, float, float]:
 
 
 def scale(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    import torch.nn.functional as F
+
     if images.shape[-2:] == (height, width):
         return images
     shrinking = images.shape[-2] > height or images.shape[-1] > width
@@ -52,7 +56,7 @@ class Resize:
         self.pad_color = pad_color
 
     @classmethod
-    def from_settings(cls, settings: Settings, device: torch.device) -> Resize:
+    def from_settings(cls, settings: Settings, device: torch.device | str) -> Resize:
         out = settings.output
         return cls(out.width, out.height, out.resize_mode, parse_color(out.pad_color))
 
@@ -74,6 +78,21 @@ class Resize:
         left, top = (scaled_w - self.width) // 2, (scaled_h - self.height) // 2
         return ScalePlan((scaled_w, scaled_h), (left, top, self.width, self.height))
 
+    def pad_array(self, image: np.ndarray) -> np.ndarray:
+        """An (H, W, 3) uint8 frame the decoder scaled per `plan`, with `pad`'s borders drawn.
+
+        The same pixels `__call__` gives (borders centred the same way, the colour rounded the same
+        way), without torch; frames already at the output size come back as they are."""
+        height, width = image.shape[:2]
+        if (height, width) == (self.height, self.width) or self.mode != "pad":
+            return image
+        colour = np.array([round(c * 255) for c in self.pad_color], dtype=np.uint8)
+        canvas = np.empty((self.height, self.width, 3), dtype=np.uint8)
+        canvas[:] = colour
+        top, left = (self.height - height) // 2, (self.width - width) // 2
+        canvas[top : top + height, left : left + width] = image
+        return canvas
+
     def __call__(self, batch: FrameBatch) -> FrameBatch:
         batch.rgb = self._apply(batch.rgb, self.pad_color)
         if batch.alpha is not None:
@@ -81,6 +100,8 @@ class Resize:
         return batch
 
     def _apply(self, images: torch.Tensor, fill: tuple[float, ...]) -> torch.Tensor:
+        import torch
+
         height, width = images.shape[-2:]
         if (height, width) == (self.height, self.width):
             return images
