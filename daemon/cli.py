@@ -20,9 +20,20 @@ class UsageError(Exception):
     pass
 
 
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'auto'") from None
+
+
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="settings file (default: ./config.toml if present)")
-    parser.add_argument("--workers", "-w", type=int, help="worker processes (default 2)")
+    parser.add_argument(
+        "--workers", "-w", type=_workers, help="worker processes, or 'auto' from cores and GPU (default 2)"
+    )
     parser.add_argument("--start-delay", "-d", type=float, help="seconds between worker starts (default 15)")
     parser.add_argument("--width", type=int, help="output width (default 1280)")
     parser.add_argument("--height", type=int, help="output height (default 720)")

@@ -73,6 +73,9 @@ class EncodeSettings(_Section):
     buffer_kbits: int = Field(8000, ge=100)
     gop: int = Field(240, ge=1)
     threads: int = Field(0, ge=0)
+    # Clips a worker encodes at once, each on its own thread with a single-threaded libx265;
+    # 0: the worker's share of the cores (cores / workers), 1: one clip at a time.
+    parallel_clips: int = Field(0, ge=0, le=256)
     nvenc_preset: Literal["p1", "p2", "p3", "p4", "p5", "p6", "p7"] = "p4"
     nvenc_tuning: Literal["hq", "uhq", "ll", "ull", "lossless"] = "hq"
 
@@ -210,6 +213,17 @@ class Settings(_Section):
     gpu: GpuSettings = GpuSettings()
     stages: list[StageName] = Field(default_factory=lambda: list[StageName](["resize"]))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_workers(cls, data: Any) -> Any:
+        """run.workers = "auto": resolved here, once, so every part of the program sees a number."""
+        run = data.get("run") if isinstance(data, dict) else None
+        if isinstance(run, dict) and run.get("workers") == "auto":
+            gpu = data.get("gpu") or {}
+            codec = (data.get("encode") or {}).get("codec", "auto")
+            data = {**data, "run": {**run, "workers": auto_workers(codec, gpu.get("max_gpu_jobs", 2))}}
+        return data
+
     @field_validator("stages")
     @classmethod
     def _stages(cls, value: list[StageName]) -> list[StageName]:
@@ -261,6 +275,23 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
+
+
+def auto_workers(codec: str, max_gpu_jobs: int) -> int:
+    """Workers for `--workers auto`: enough that downloads overlap processing, and with a GPU one
+    more than its slots, so a worker is always downloading while the others keep the GPU busy.
+    Each worker then writes cores / workers clips at once (encode.parallel_clips), so together
+    they run one encoder per core."""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    workers = max(2, cores // 4)
+    if codec != "cpu":
+        from daemon.gpu.probe import _driver_loadable
+
+        if not _driver_loadable():  # "" when an NVIDIA driver loads
+            workers = max(workers, max_gpu_jobs + 1)
+    return min(workers, 256)
 
 
 def load_settings(path: Path | None, overrides: dict[str, Any] | None = None) -> Settings:

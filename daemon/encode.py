@@ -39,7 +39,9 @@ class ClipEncoder(Protocol):
         """Remove the unfinished file."""
 
 
-def x265_params(settings: EncodeSettings) -> str:
+def x265_params(settings: EncodeSettings, single_threaded: bool = False) -> str:
+    """libx265's options. `single_threaded`: one thread and one frame at a time, for encoders
+    that run side by side on their own threads (and whose bytes must not depend on the machine)."""
     params = {
         "crf": f"{settings.crf:g}",
         # VBR with a ceiling: constant quality, but never above max_bitrate over the VBV buffer.
@@ -55,7 +57,10 @@ def x265_params(settings: EncodeSettings) -> str:
         "log-level": "error",
         "info": "0",
     }
-    if settings.threads:
+    if single_threaded and not settings.threads:
+        params["pools"] = "1"
+        params["frame-threads"] = "1"
+    elif settings.threads:
         params["pools"] = str(settings.threads)
         params["frame-threads"] = str(min(settings.threads, 4))
     return ":".join(f"{k}={v}" for k, v in params.items())
@@ -64,7 +69,15 @@ def x265_params(settings: EncodeSettings) -> str:
 class X265Encoder:
     """libx265 through PyAV, on the CPU."""
 
-    def __init__(self, path: Path, width: int, height: int, fps: Fraction, settings: EncodeSettings) -> None:
+    def __init__(
+        self,
+        path: Path,
+        width: int,
+        height: int,
+        fps: Fraction,
+        settings: EncodeSettings,
+        single_threaded: bool = False,
+    ) -> None:
         self.path = path
         self.part_path = path.with_name(path.name + PART_SUFFIX)
         self.width = width
@@ -82,7 +95,7 @@ class X265Encoder:
         context.color_range = ColorRange.MPEG
         context.color_primaries = 1
         context.color_trc = 1
-        stream.options = {"preset": settings.preset, "x265-params": x265_params(settings)}
+        stream.options = {"preset": settings.preset, "x265-params": x265_params(settings, single_threaded)}
         self._stream = stream
         self._reformatter = VideoReformatter()
         self._time_base = Fraction(1) / fps

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import threading
+from collections import deque
 from collections.abc import Callable, Generator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -73,12 +77,22 @@ class FrameSource(Protocol):
 
     def skip_unreferenced(self, skip: bool) -> None: ...
 
+    @property
+    def width(self) -> int: ...
+
+    @property
+    def height(self) -> int: ...
+
     def __enter__(self) -> FrameSource: ...
 
     def __exit__(self, *exc: object) -> None: ...
 
 
 SourceFactory = Callable[[Path], FrameSource]
+
+
+# Batches a clip's lane may hold before the decoding thread waits for it: bounds memory.
+LANE_QUEUE_BATCHES = 4
 
 
 @dataclass
@@ -89,6 +103,14 @@ class _ClipWork:
     pending: list[Picture] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
     extra_encoders: dict[str, ClipEncoder] = field(default_factory=dict)
+    # The clip's own thread, when it has one: its batches go through the stages and into its
+    # encoders there, in order, while the decoding thread moves on.
+    lane: ThreadPoolExecutor | None = None
+    queued: deque[Future[int]] = field(default_factory=deque)
+    finishing: Future[ClipResult] | None = None
+
+    def encoders(self) -> list[ClipEncoder]:
+        return [self.encoder, *self.extra_encoders.values()]
 
 
 @dataclass(frozen=True)
@@ -119,14 +141,17 @@ class ClipCutter:
         self._source_factory = source_factory or self._cpu_source
         # The matte, when a matte stage makes one, goes to its own `.alpha.hevc` stream.
         self.write_alpha = "matte" in settings.stages and settings.matte.alpha_stream
-        # When resizing comes first, the CPU decoder's scaler does it while converting colours.
-        self._prescale = stages[0] if stages and isinstance(stages[0], Resize) else None
-        # With nothing but a resize to run, decoded frames go to the encoder as they are.
-        self._passthrough = [stage.name for stage in stages] == ["resize"]
+        self._plan(stages)
         self._sink: ProgressSink | None = None
+        # Clips written at once, each on its own thread with a single-threaded libx265 (PyAV lets
+        # go of the GIL while x265 works). Only for the CPU's encoder: NVENC has its own engine.
+        lanes = lane_count(settings) if encoder_factory is None and str(device) == "cpu" else 1
+        self._lanes = threading.BoundedSemaphore(lanes) if lanes > 1 else None
+        self._finishing: list[_ClipWork] = []  # clips whose lane is finishing them
+        self._report: Callable[[ClipResult], None] = lambda result: None
 
     def _x265(self, path: Path, width: int, height: int, fps: Fraction) -> ClipEncoder:
-        return X265Encoder(path, width, height, fps, self.settings.encode)
+        return X265Encoder(path, width, height, fps, self.settings.encode, single_threaded=bool(self._lanes))
 
     def _cpu_source(self, path: Path) -> FrameSource:
         return VideoSource(path, threads=self.settings.decode.threads)
@@ -149,8 +174,12 @@ class ClipCutter:
             results.append(result)
             sink.clip_finished(result)
 
+        self._report = report
+        self._finishing = []
+
         try:
             with self._source_factory(source_path) as source:
+                self._plan([stage for stage in self.stages if stage.runs_on(source.width, source.height)])
                 walk = FrameWalk(
                     source,
                     schedule,
@@ -170,19 +199,24 @@ class ClipCutter:
                         report,
                     )
                 interrupted, last_end = walk.interrupted, walk.end_seconds
+            self._collect(wait=True)
         except BaseException:
             for item in work.values():
-                item.encoder.abort()
-                for extra in item.extra_encoders.values():
-                    extra.abort()
+                self._abort(item)
+            for item in self._finishing:  # clips a lane finished are kept and reported
+                self._release_lane(item)
+                finished = item.finishing
+                if finished is not None and not finished.cancelled() and finished.exception() is None:
+                    report(finished.result())
+                else:
+                    self._abort(item)
+            self._finishing.clear()
             raise
 
         for timeline in schedule.unfinished():
             unfinished = work.pop(timeline.clip, None)
             if unfinished is not None:
-                unfinished.encoder.abort()
-                for extra in unfinished.extra_encoders.values():
-                    extra.abort()
+                self._abort(unfinished)
             if interrupted and not timeline.started:
                 continue
             clip = timeline.clip
@@ -213,6 +247,7 @@ class ClipCutter:
         output_dir: Path,
         report: Callable[[ClipResult], None],
     ) -> None:
+        self._collect(wait=False)
         shown = schedule.take(source_frame.seconds, end, first)
         if not shown:
             return
@@ -222,7 +257,7 @@ class ClipCutter:
             if item is None:
                 path = output_dir / video_id / timeline.clip.file_name(video_id)
                 encoder = self._encoder_factory(path, self.width, self.height, self.fps)
-                item = work[timeline.clip] = _ClipWork(timeline, path, encoder)
+                item = work[timeline.clip] = _ClipWork(timeline, path, encoder, lane=self._take_lane())
             items.append((item, count))
         # Converted once, however many clips and repeats show it.
         picture = self._convert(source_frame)
@@ -235,7 +270,51 @@ class ClipCutter:
             if timeline.finished:
                 self._flush(item)
                 del work[timeline.clip]
-                report(self._finish(item, video_id))
+                if item.lane is None:
+                    report(self._finish(item, video_id))
+                else:
+                    item.finishing = item.lane.submit(self._finish, item, video_id)
+                    self._finishing.append(item)
+
+    def _plan(self, running: list[Stage]) -> None:
+        """Fast paths from the stages that will run on this source, not from their names."""
+        self._running = running
+        # When resizing comes first, the CPU decoder's scaler does it while converting colours.
+        self._prescale = running[0] if running and isinstance(running[0], Resize) else None
+        # With nothing but a resize to run, decoded frames go to the encoder as they are.
+        self._passthrough = [stage.name for stage in running] == ["resize"]
+
+    def _take_lane(self) -> ThreadPoolExecutor | None:
+        """A thread for a new clip while the budget lasts; past it the clip is written inline."""
+        if self._lanes is None or not self._lanes.acquire(blocking=False):
+            return None
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip-lane")
+
+    def _release_lane(self, item: _ClipWork) -> None:
+        if item.lane is not None and self._lanes is not None:
+            item.lane.shutdown(wait=True, cancel_futures=True)
+            item.lane = None
+            self._lanes.release()
+
+    def _collect(self, wait: bool) -> None:
+        """Counts the lanes' written batches and reports their finished clips, on this thread
+        (the sink's pipe is not for several threads); a lane's failure is raised here."""
+        for item in list(self._finishing):
+            if item.finishing is not None and (wait or item.finishing.done()):
+                self._drain(item, wait=True)
+                self._report(item.finishing.result())
+                self._release_lane(item)
+        self._finishing = [item for item in self._finishing if item.lane is not None]
+
+    def _drain(self, item: _ClipWork, wait: bool, keep: int = 0) -> None:
+        while len(item.queued) > keep and (wait or item.queued[0].done()):
+            self._count(item.queued.popleft().result())
+
+    def _abort(self, item: _ClipWork) -> None:
+        """Stop the clip's lane (what is queued is dropped), then remove its unfinished files."""
+        self._release_lane(item)
+        for encoder in item.encoders():
+            encoder.abort()
 
     def _convert(self, source_frame: ShownFrame) -> Picture:
         """The frame as the next step wants it: YUV for the encoder when nothing else looks at it."""
@@ -266,11 +345,19 @@ class ClipCutter:
         pending, item.pending = item.pending, []
         if not pending:
             return
+        if item.lane is None:
+            self._count(self._write(item, pending))
+            return
+        item.queued.append(item.lane.submit(self._write, item, pending))
+        self._drain(item, wait=False)
+        self._drain(item, wait=True, keep=LANE_QUEUE_BATCHES)  # backpressure: memory stays flat
+
+    def _write(self, item: _ClipWork, pending: list[Picture]) -> int:
+        """One batch through the stages into the clip's encoders; returns the frames written."""
         if isinstance(pending[0], av.VideoFrame):
             assert isinstance(item.encoder, X265Encoder)
             item.encoder.write_video_frames(cast(list[av.VideoFrame], pending))
-            self._count(len(pending))
-            return
+            return len(pending)
         pictures = cast("list[np.ndarray | torch.Tensor]", pending)
         if (
             self._passthrough
@@ -278,21 +365,19 @@ class ClipCutter:
             and all(isinstance(f, np.ndarray) and f.shape[:2] == (self.height, self.width) for f in pictures)
         ):
             item.encoder.write(np.stack(cast(list[np.ndarray], pictures)))
-            self._count(len(pictures))
-            return
+            return len(pictures)
         import torch
 
         stacked = stack_frames(pictures).to(self.device, non_blocking=True)
         batch = FrameBatch(rgb=stacked.permute(0, 3, 1, 2).float().div_(255), state=item.state)
         with torch.inference_mode():
-            for stage in self.stages:
+            for stage in self._running:
                 batch = stage(batch)
         if tuple(batch.rgb.shape[-2:]) != (self.height, self.width):
             raise RuntimeError(
                 f"stages produced {tuple(batch.rgb.shape[-2:])}, not {self.height}x{self.width}"
             )
         item.encoder.write(encoder_input(item.encoder, to_uint8(batch.rgb).permute(0, 2, 3, 1)))
-        self._count(batch.rgb.shape[0])
         if batch.alpha is not None and self.write_alpha:
             alpha_encoder = item.extra_encoders.get("alpha")
             if alpha_encoder is None:
@@ -300,6 +385,7 @@ class ClipCutter:
                 alpha_encoder = self._encoder_factory(alpha_path, self.width, self.height, self.fps)
                 item.extra_encoders["alpha"] = alpha_encoder
             alpha_encoder.write(encoder_input(alpha_encoder, to_uint8(batch.alpha)[:, 0]))
+        return int(batch.rgb.shape[0])
 
     def _count(self, frames: int) -> None:
         if self._sink is not None:
@@ -327,6 +413,15 @@ class ClipCutter:
             item.path.unlink(missing_ok=True)
             return ClipResult(clip.start_frame, clip.end_frame, None, 0, 0, error=f"{video_id}: {exc}")
         return ClipResult(clip.start_frame, clip.end_frame, str(item.path), expected, size)
+
+
+def lane_count(settings: Settings) -> int:
+    """Clips one worker writes at once: its share of the machine's cores (encode.parallel_clips
+    when set), so that the workers together run one encoder per core and never more."""
+    if settings.encode.parallel_clips:
+        return settings.encode.parallel_clips
+    cores = len(os.sched_getaffinity(0))
+    return max(1, cores // settings.run.workers)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -251,6 +251,14 @@ class VideoSource:
             return None
         return None
 
+    @property
+    def width(self) -> int:
+        return int(self.stream.codec_context.width)
+
+    @property
+    def height(self) -> int:
+        return int(self.stream.codec_context.height)
+
     def skip_unreferenced(self, skip: bool) -> None:
         """Drop frames no other frame references (B-frames, mostly) while nothing will show them."""
         self.stream.codec_context.skip_frame = "NONREF" if skip else "DEFAULT"

@@ -127,12 +127,13 @@ clip_strategy = st.builds(
     recipe=st.sampled_from(RECIPES),
     clips=st.lists(clip_strategy, min_size=1, max_size=4, unique=True),
     threshold=st.sampled_from([0.0, 0.2, 0.5, 1.0, 100.0]),
+    lanes=st.sampled_from([1, 2, 3]),
 )
 def test_every_output_frame_is_the_one_on_screen_at_its_moment(
     sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, recipe: Recipe, clips: list[Clip],
-    threshold: float,
+    threshold: float, lanes: int,
 ) -> None:  # fmt: skip
-    check(sources, tmp_path_factory.mktemp("fuzz-out"), recipe, clips, threshold)
+    check(sources, tmp_path_factory.mktemp("fuzz-out"), recipe, clips, threshold, lanes)
 
 
 # Examples the property found in the cutter before the seek and timestamp fixes, kept as they were.
@@ -151,8 +152,11 @@ def test_examples_the_property_found(
     check(sources, tmp_path, next(r for r in RECIPES if r.name == name), clips, threshold)
 
 
-def check(sources: dict[str, Path], out: Path, recipe: Recipe, clips: list[Clip], threshold: float) -> None:
-    config = cutter_settings(**{"decode.seek_threshold_seconds": threshold})
+def check(
+    sources: dict[str, Path], out: Path, recipe: Recipe, clips: list[Clip], threshold: float, lanes: int = 1
+) -> None:
+    """Cut `clips` (writing up to `lanes` of them at once) and check every output frame."""
+    config = cutter_settings(**{"decode.seek_threshold_seconds": threshold, "encode.parallel_clips": lanes})
     with time_limit(30):
         results = cut(sources[recipe.name], clips, out, config)
     true_times = recipe.true_times()

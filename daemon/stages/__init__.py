@@ -28,6 +28,10 @@ class Stage(Protocol):
 
     def __call__(self, batch: FrameBatch) -> FrameBatch: ...
 
+    def runs_on(self, width: int, height: int) -> bool:
+        """Whether the stage changes frames of a source this size (the cutter's fast paths skip
+        the rest: an upscale that a large source does not need must not cost an RGB round trip)."""
+
 
 def build_stages(settings: Settings, device: torch.device | str) -> list[Stage]:
     """The configured stages on `device` ("cpu", "cuda:0" or a torch.device).

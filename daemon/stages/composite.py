@@ -115,6 +115,9 @@ class Composite:
     def from_settings(cls, settings: Settings, device: torch.device) -> Composite:
         return cls(load_background(settings.composite.background))
 
+    def runs_on(self, width: int, height: int) -> bool:
+        return True
+
     def __call__(self, batch: FrameBatch) -> FrameBatch:
         if batch.alpha is None:
             raise RuntimeError("composite: no matte on this batch; 'matte' must run before 'composite'")

@@ -140,6 +140,9 @@ class Matte:
             )
         return cls(load_matting_model(config.model, device, config.threads), config.downsample_ratio)
 
+    def runs_on(self, width: int, height: int) -> bool:
+        return True
+
     @torch.inference_mode()
     def __call__(self, batch: FrameBatch) -> FrameBatch:
         height, width = batch.rgb.shape[-2:]

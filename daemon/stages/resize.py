@@ -93,6 +93,9 @@ class Resize:
         canvas[top : top + height, left : left + width] = image
         return canvas
 
+    def runs_on(self, width: int, height: int) -> bool:
+        return True
+
     def __call__(self, batch: FrameBatch) -> FrameBatch:
         batch.rgb = self._apply(batch.rgb, self.pad_color)
         if batch.alpha is not None:

@@ -101,6 +101,9 @@ class Upscale:
     def needed(self, height: int, width: int) -> bool:
         return self.mode == "always" or height < self.finish.height or width < self.finish.width
 
+    def runs_on(self, width: int, height: int) -> bool:
+        return self.needed(height, width)
+
     @torch.inference_mode()
     def __call__(self, batch: FrameBatch) -> FrameBatch:
         height, width = batch.rgb.shape[-2:]
@@ -169,3 +172,6 @@ class _PassThrough:
 
     def __call__(self, batch: FrameBatch) -> FrameBatch:
         return batch
+
+    def runs_on(self, width: int, height: int) -> bool:
+        return False
