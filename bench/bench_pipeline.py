@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -42,40 +43,102 @@ SOURCE_W, SOURCE_H, SOURCE_FPS = 960, 540, 30
 OUT_W, OUT_H = 640, 360
 
 
-def make_source(path: Path, seconds: int) -> Path:
+@contextlib.contextmanager
+def h264_writer(
+    path: Path, width: int, height: int, options: dict[str, str], fps: int = SOURCE_FPS
+) -> Iterator[Callable[[av.VideoFrame], None]]:
+    """Write an MP4 with one libx264 stream tagged BT.709 limited range; yields `write(frame)`.
+
+    The file appears under its name only once complete (a `.part` file renamed), so a cached source
+    interrupted half-way is made again rather than reused."""
+    part = path.with_name(path.name + ".part")
+    with av.open(str(part), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = options
+        stream.codec_context.colorspace = Colorspace.ITU709
+        stream.codec_context.color_range = ColorRange.MPEG
+        stream.codec_context.color_primaries = 1
+        stream.codec_context.color_trc = 1
+        count = 0
+
+        def write(frame: av.VideoFrame) -> None:
+            nonlocal count
+            frame.pts = count
+            frame.time_base = Fraction(1, fps)
+            container.mux(stream.encode(frame))
+            count += 1
+
+        yield write
+        container.mux(stream.encode(None))
+    os.replace(part, path)
+
+
+def make_source(
+    path: Path, seconds: int, width: int = SOURCE_W, height: int = SOURCE_H, seed: int = 0
+) -> Path:
     """A moving gradient with a counter-like pattern: cheap to make, not trivially compressible.
 
     Encoded and tagged as BT.709 limited range, as online video sources nearly always are.
     """
     if path.exists():
         return path
-    rng = np.random.default_rng(0)
-    noise = rng.integers(0, 40, (SOURCE_H, SOURCE_W, 3), dtype=np.uint8)
-    x = np.linspace(0, 255, SOURCE_W, dtype=np.float32)
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=SOURCE_FPS)
-        stream.width, stream.height, stream.pix_fmt = SOURCE_W, SOURCE_H, "yuv420p"
-        stream.options = {"preset": "ultrafast", "crf": "28", "g": "60"}
-        stream.codec_context.colorspace = Colorspace.ITU709
-        stream.codec_context.color_range = ColorRange.MPEG
-        stream.codec_context.color_primaries = 1
-        stream.codec_context.color_trc = 1
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 40, (height, width, 3), dtype=np.uint8)
+    x = np.linspace(0, 255, width, dtype=np.float32)
+    with h264_writer(path, width, height, {"preset": "ultrafast", "crf": "28", "g": "60"}) as write:
         for index in range(seconds * SOURCE_FPS):
-            shift = (x + index * 4) % 256
-            image = np.empty((SOURCE_H, SOURCE_W, 3), np.uint8)
+            shift = (x + index * 4 + seed * 64) % 256
+            image = np.empty((height, width, 3), np.uint8)
             image[..., 0] = shift.astype(np.uint8)
             image[..., 1] = (index * 2) % 256
             image[..., 2] = 255 - shift.astype(np.uint8)
-            image[(index * 7) % SOURCE_H :: 37] = 255
+            image[(index * 7) % height :: 37] = 255
             image += noise
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(
-                format="yuv420p", dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG
+            write(
+                av.VideoFrame.from_ndarray(image, format="rgb24").reformat(
+                    format="yuv420p", dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG
+                )
             )
-            frame.pts = index
-            frame.time_base = Fraction(1, SOURCE_FPS)
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
     return path
+
+
+def write_config(path: Path, preset: str, width: int = OUT_W, height: int = OUT_H) -> Path:
+    """A resize-only, CPU-encoding settings file for the daemon: what the benches run it with."""
+    path.write_text(
+        f'stages = ["resize"]\n[run]\nstart_delay = 0.0\n[output]\nwidth = {width}\nheight = {height}\n'
+        f'[encode]\npreset = "{preset}"\ncodec = "cpu"\n'
+    )
+    return path
+
+
+def daemon_command(
+    urls: Path,
+    clip_dir: Path,
+    out: Path,
+    temp: Path,
+    config: Path,
+    workers: int,
+    python: str = sys.executable,
+) -> list[str]:
+    """The one-shot CLI; run it with PYTHONPATH=ROOT so that it is this checkout's code that runs."""
+    return [
+        python, "-m", "daemon", "--urls-file", str(urls), "--input-clip-dir", str(clip_dir),
+        "--output-dir", str(out), "--temp-dir", str(temp), "--config", str(config),
+        "--workers", str(workers), "--start-delay", "0",
+    ]  # fmt: skip
+
+
+def ffmpeg_clip_command(
+    ffmpeg: str, source: Path, start: int, end: int, preset: str, params: str, target: Path, vf: str
+) -> list[str]:
+    """One clip as a shell loop would cut it: input seek, a frame count, our x265 rate control."""
+    return [
+        ffmpeg, "-v", "error", "-y", "-ss", f"{start / 30:.6f}", "-i", str(source),
+        "-frames:v", str(end - start), "-vf", vf,
+        "-c:v", "libx265", "-preset", preset, "-x265-params", params, "-pix_fmt", "yuv420p",
+        "-f", "hevc", str(target),
+    ]  # fmt: skip
 
 
 def clip_lines(seconds: int, clips: int, clip_seconds: int, layout: str) -> list[tuple[int, int]]:
@@ -138,20 +201,13 @@ def run_pipeline(source: Path, seconds: int, clips: list[tuple[int, int]], prese
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
     (clip_dir / "src.txt").write_text("".join(f"{s:07d} {e:07d}\n" for s, e in clips))
-    config = work / "bench.toml"
-    config.write_text(
-        f'stages = ["resize"]\n[run]\nstart_delay = 0.0\n[output]\nwidth = {OUT_W}\nheight = {OUT_H}\n'
-        f'[encode]\npreset = "{preset}"\ncodec = "cpu"\n'
-    )
+    config = write_config(work / "bench.toml", preset)
     with MediaServer() as server:
         url = server.add("src.mp4", source)
         (work / "urls.txt").write_text(url + "\n")
         watcher = PeakWatcher(temp)
         watcher.start()
-        command = [
-            sys.executable, "-m", "daemon", "-u", str(work / "urls.txt"), "-c", str(clip_dir), "-o", str(out),
-            "--temp-dir", str(temp), "--config", str(config), "--workers", "1",
-        ]  # fmt: skip
+        command = daemon_command(work / "urls.txt", clip_dir, out, temp, config, workers=1)
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         wall, rss, stdout = child_peak_rss_mb(command, env)
         watcher.done.set()
@@ -183,12 +239,10 @@ def run_ffmpeg(source: Path, clips: list[tuple[int, int]], preset: str, work: Pa
     wall = 0.0
     peak = 0.0
     for start, end in clips:
-        command = [
-            ffmpeg, "-v", "error", "-y", "-ss", f"{start / 30:.6f}", "-i", str(source),
-            "-frames:v", str(end - start), "-vf", f"fps=30,scale={OUT_W}:{OUT_H}",
-            "-c:v", "libx265", "-preset", preset, "-x265-params", params, "-pix_fmt", "yuv420p",
-            "-f", "hevc", str(out / f"src_{start:07d}_{end:07d}.hevc"),
-        ]  # fmt: skip
+        target = out / f"src_{start:07d}_{end:07d}.hevc"
+        command = ffmpeg_clip_command(
+            ffmpeg, source, start, end, preset, params, target, f"fps=30,scale={OUT_W}:{OUT_H}"
+        )
         seconds, rss, _ = child_peak_rss_mb(command, dict(os.environ))
         wall += seconds
         peak = max(peak, rss)
