@@ -166,20 +166,47 @@ def build_jobs(names: list[str], sources: Path) -> list[Job]:
     return jobs
 
 
+def tree_rss_mb(pid: int) -> float:
+    """The largest resident set among `pid` and its descendants now, from /proc."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                rss[int(entry.name)] = int(line.split()[1]) / 1024
+    largest, stack = 0.0, [pid]
+    while stack:
+        current = stack.pop()
+        largest = max(largest, rss.get(current, 0.0))
+        stack.extend(children.get(current, []))
+    return largest
+
+
 def run_measured(command: list[str], env: dict[str, str], log: Path) -> tuple[float, float]:
     """Run a command, output to `log`; returns (wall seconds, peak RSS MB of its largest process).
 
-    wait4's ru_maxrss covers the process and every descendant it waited for (our workers)."""
+    The RSS is sampled from /proc every 50 ms over the process tree: getrusage's ru_maxrss would
+    count the pages a child shares with this (large) process between fork and exec."""
     started = time.monotonic()
+    peak = 0.0
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(process.pid, 0)
+        while process.poll() is None:
+            peak = max(peak, tree_rss_mb(process.pid))
+            time.sleep(0.05)
     wall = time.monotonic() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         tail = log.read_text(errors="replace")[-2000:]
         raise SystemExit(f"failed ({process.returncode}): {' '.join(command)}\n{tail}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, peak
 
 
 def count_frames(paths: list[Path]) -> int:

@@ -124,6 +124,9 @@ class DecodeSettings(_Section):
     seek_threshold_seconds: float = Field(0.5, ge=0)
     batch_size: int = Field(8, ge=1, le=256)
     threads: int = Field(0, ge=0)
+    # Decoded frames a worker may hold for clips written on their own threads (encode.parallel_clips):
+    # enough to decode one clip ahead while the last one is still being encoded.
+    buffer_mb: float = Field(32.0, gt=0, le=65536)
 
 
 class UpscaleSettings(_Section):

@@ -91,10 +91,6 @@ class FrameSource(Protocol):
 SourceFactory = Callable[[Path], FrameSource]
 
 
-# Batches a clip's lane may hold before the decoding thread waits for it: bounds memory.
-LANE_QUEUE_BATCHES = 4
-
-
 @dataclass
 class _ClipWork:
     timeline: ClipTimeline
@@ -106,7 +102,6 @@ class _ClipWork:
     # The clip's own thread, when it has one: its batches go through the stages and into its
     # encoders there, in order, while the decoding thread moves on.
     lane: ThreadPoolExecutor | None = None
-    queued: deque[Future[int]] = field(default_factory=deque)
     finishing: Future[ClipResult] | None = None
 
     def encoders(self) -> list[ClipEncoder]:
@@ -148,6 +143,12 @@ class ClipCutter:
         lanes = lane_count(settings) if encoder_factory is None and str(device) == "cpu" else 1
         self._lanes = threading.BoundedSemaphore(lanes) if lanes > 1 else None
         self._finishing: list[_ClipWork] = []  # clips whose lane is finishing them
+        # Batches handed to lanes and not yet written, oldest first, with their size in bytes. The
+        # decoding thread runs ahead (into the next clip, so that a second lane gets work) until
+        # decode.buffer_mb is queued; memory is bounded by that, whatever the video's length.
+        self._queued: deque[tuple[Future[int], int]] = deque()
+        self._queued_bytes = 0
+        self._buffer_bytes = int(settings.decode.buffer_mb * 2**20)
         self._report: Callable[[ClipResult], None] = lambda result: None
 
     def _x265(self, path: Path, width: int, height: int, fps: Fraction) -> ClipEncoder:
@@ -176,6 +177,8 @@ class ClipCutter:
 
         self._report = report
         self._finishing = []
+        self._queued.clear()
+        self._queued_bytes = 0
 
         try:
             with self._source_factory(source_path) as source:
@@ -201,6 +204,7 @@ class ClipCutter:
                 interrupted, last_end = walk.interrupted, walk.end_seconds
             self._collect(wait=True)
         except BaseException:
+            self._queued.clear()
             for item in work.values():
                 self._abort(item)
             for item in self._finishing:  # clips a lane finished are kept and reported
@@ -299,16 +303,23 @@ class ClipCutter:
     def _collect(self, wait: bool) -> None:
         """Counts the lanes' written batches and reports their finished clips, on this thread
         (the sink's pipe is not for several threads); a lane's failure is raised here."""
+        self._drain(0 if wait else None)
         for item in list(self._finishing):
             if item.finishing is not None and (wait or item.finishing.done()):
-                self._drain(item, wait=True)
                 self._report(item.finishing.result())
                 self._release_lane(item)
         self._finishing = [item for item in self._finishing if item.lane is not None]
 
-    def _drain(self, item: _ClipWork, wait: bool, keep: int = 0) -> None:
-        while len(item.queued) > keep and (wait or item.queued[0].done()):
-            self._count(item.queued.popleft().result())
+    def _drain(self, down_to_bytes: int | None) -> None:
+        """Count the batches the lanes wrote; with `down_to_bytes`, wait for the oldest until no
+        more than that is queued."""
+        while self._queued:
+            future, size = self._queued[0]
+            if not future.done() and (down_to_bytes is None or self._queued_bytes <= down_to_bytes):
+                return
+            self._queued.popleft()
+            self._queued_bytes -= size
+            self._count(future.result())
 
     def _abort(self, item: _ClipWork) -> None:
         """Stop the clip's lane (what is queued is dropped), then remove its unfinished files."""
@@ -348,9 +359,10 @@ class ClipCutter:
         if item.lane is None:
             self._count(self._write(item, pending))
             return
-        item.queued.append(item.lane.submit(self._write, item, pending))
-        self._drain(item, wait=False)
-        self._drain(item, wait=True, keep=LANE_QUEUE_BATCHES)  # backpressure: memory stays flat
+        size = sum(picture_bytes(picture) for picture in pending)
+        self._queued.append((item.lane.submit(self._write, item, pending), size))
+        self._queued_bytes += size
+        self._drain(self._buffer_bytes)  # backpressure: the decoder waits while the buffer is full
 
     def _write(self, item: _ClipWork, pending: list[Picture]) -> int:
         """One batch through the stages into the clip's encoders; returns the frames written."""
@@ -413,6 +425,14 @@ class ClipCutter:
             item.path.unlink(missing_ok=True)
             return ClipResult(clip.start_frame, clip.end_frame, None, 0, 0, error=f"{video_id}: {exc}")
         return ClipResult(clip.start_frame, clip.end_frame, str(item.path), expected, size)
+
+
+def picture_bytes(picture: Picture) -> int:
+    if isinstance(picture, av.VideoFrame):
+        return sum(plane.buffer_size for plane in picture.planes)
+    if isinstance(picture, np.ndarray):
+        return int(picture.nbytes)
+    return int(picture.numel() * picture.element_size())
 
 
 def lane_count(settings: Settings) -> int:
