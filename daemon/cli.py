@@ -273,19 +273,10 @@ def loaded_line(config: Path | None, settings: Settings, backend: str, output_di
 
 def _manifest(args: argparse.Namespace) -> int:
     from daemon.manifest import ManifestError, write_manifest
-    from daemon.supervisor import LEDGER_NAME
+    from daemon.supervisor import LEDGER_NAME, state_dir_of
 
     settings = load_settings(config_path(args))
-    if args.state_dir:
-        state_dir = Path(args.state_dir)
-    elif settings.run.state_dir:
-        state_dir = Path(settings.run.state_dir).expanduser()
-    elif args.output_dir:
-        state_dir = Path(args.output_dir)
-    elif settings.service.output_dir:
-        state_dir = Path(settings.service.output_dir).expanduser()
-    else:
-        raise UsageError("manifest: give --output-dir (or --state-dir)")
+    state_dir = state_dir_of("manifest", args.state_dir, args.output_dir, settings)
     output_dir = args.output_dir or state_dir
     out = args.out or Path(output_dir) / f"manifest.{args.format}"
     try:

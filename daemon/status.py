@@ -172,20 +172,11 @@ def format_status(status: Status) -> str:
 def status_command(args: Any) -> int:
     from daemon.cli import DEFAULT_CONFIG, EXIT_OK, UsageError
     from daemon.config import load_settings
-    from daemon.supervisor import LEDGER_NAME
+    from daemon.supervisor import LEDGER_NAME, state_dir_of
 
     config = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     settings = load_settings(config)
-    if args.state_dir:
-        state_dir = Path(args.state_dir)
-    elif settings.run.state_dir:
-        state_dir = Path(settings.run.state_dir).expanduser()
-    elif args.output_dir:
-        state_dir = Path(args.output_dir)
-    elif settings.service.output_dir:
-        state_dir = Path(settings.service.output_dir).expanduser()
-    else:
-        raise UsageError("status: give --output-dir (or --state-dir)")
+    state_dir = state_dir_of("status", args.state_dir, args.output_dir, settings)
     try:
         if args.minutes <= 0 or args.errors < 0:
             raise UsageError("status: --minutes must be above 0 and --errors 0 or more")

@@ -82,6 +82,20 @@ class RunPaths:
                 raise ConfigError(f"{what} {folder}: {problem}")
 
 
+def state_dir_of(command: str, state_dir: Path | None, output_dir: Path | None, settings: Settings) -> Path:
+    """The ledger's folder for a command that reads it (`status`, `manifest`): --state-dir, then
+    run.state_dir, then --output-dir, then the service's output folder, as a run placed it."""
+    if state_dir:
+        return Path(state_dir)
+    if settings.run.state_dir:
+        return Path(settings.run.state_dir).expanduser()
+    if output_dir:
+        return Path(output_dir)
+    if settings.service.output_dir:
+        return Path(settings.service.output_dir).expanduser()
+    raise ConfigError(f"{command}: give --output-dir (or --state-dir)")
+
+
 def folder_problem(folder: Path) -> str:
     """Why `folder` cannot be created or written to, or "" when it can."""
     try:
