@@ -28,6 +28,9 @@ class BrightnessMatte:
         batch.alpha = batch.rgb.mean(dim=1, keepdim=True)
         return batch
 
+    def runs_on(self, width: int, height: int) -> bool:
+        return True
+
 
 def cutter(vanishing_suffix: str | None) -> ClipCutter:
     """Encoders whose `.part` file someone deletes just before it is renamed, for names ending so."""
