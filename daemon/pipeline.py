@@ -103,6 +103,7 @@ class _ClipWork:
     # encoders there, in order, while the decoding thread moves on.
     lane: ThreadPoolExecutor | None = None
     finishing: Future[ClipResult] | None = None
+    failed: bool = False  # a batch failed on the lane: the clip must not be published
 
     def encoders(self) -> list[ClipEncoder]:
         return [self.encoder, *self.extra_encoders.values()]
@@ -263,9 +264,12 @@ class ClipCutter:
                 encoder = self._encoder_factory(path, self.width, self.height, self.fps)
                 item = work[timeline.clip] = _ClipWork(timeline, path, encoder, lane=self._take_lane())
             items.append((item, count))
-        # Converted once, however many clips and repeats show it.
+        # Converted once, however many clips and repeats show it; but a YUV frame goes to the
+        # encoder itself (which stamps it), so clips on different threads each get their own.
         picture = self._convert(source_frame)
-        for item, count in items:
+        for index, (item, count) in enumerate(items):
+            if index and isinstance(picture, av.VideoFrame) and self._lanes is not None:
+                picture = self._convert(source_frame)
             timeline = item.timeline
             for _ in range(count):
                 item.pending.append(picture)
@@ -306,9 +310,13 @@ class ClipCutter:
         self._drain(0 if wait else None)
         for item in list(self._finishing):
             if item.finishing is not None and (wait or item.finishing.done()):
-                self._report(item.finishing.result())
-                self._release_lane(item)
-        self._finishing = [item for item in self._finishing if item.lane is not None]
+                # Out of the list before anything can raise: a clip is reported once at most.
+                self._finishing.remove(item)
+                try:
+                    result = item.finishing.result()  # waits for the lane's last task
+                finally:
+                    self._release_lane(item)
+                self._report(result)
 
     def _drain(self, down_to_bytes: int | None) -> None:
         """Count the batches the lanes wrote; with `down_to_bytes`, wait for the oldest until no
@@ -366,6 +374,13 @@ class ClipCutter:
 
     def _write(self, item: _ClipWork, pending: list[Picture]) -> int:
         """One batch through the stages into the clip's encoders; returns the frames written."""
+        try:
+            return self._write_batch(item, pending)
+        except BaseException:
+            item.failed = True
+            raise
+
+    def _write_batch(self, item: _ClipWork, pending: list[Picture]) -> int:
         if isinstance(pending[0], av.VideoFrame):
             assert isinstance(item.encoder, X265Encoder)
             item.encoder.write_video_frames(cast(list[av.VideoFrame], pending))
@@ -406,11 +421,16 @@ class ClipCutter:
     def _finish(self, item: _ClipWork, video_id: str) -> ClipResult:
         clip = item.timeline.clip
         expected = item.timeline.frame_count
+        if item.failed:
+            for encoder in item.encoders():
+                encoder.abort()
+            error = f"{video_id}: a batch of this clip failed to encode"
+            return ClipResult(clip.start_frame, clip.end_frame, None, 0, 0, error=error)
         # The main stream first: a clip whose main stream failed must not leave its matte behind,
         # and one whose matte failed is removed whole, so the next run makes both again.
         try:
             size = item.encoder.finish(expected)
-        except (EncodeError, OSError) as exc:
+        except (EncodeError, OSError, av.error.FFmpegError) as exc:
             item.encoder.abort()
             for extra in item.extra_encoders.values():
                 extra.abort()
@@ -418,7 +438,7 @@ class ClipCutter:
         try:
             for extra in item.extra_encoders.values():
                 extra.finish(expected)
-        except (EncodeError, OSError) as exc:
+        except (EncodeError, OSError, av.error.FFmpegError) as exc:
             for extra in item.extra_encoders.values():
                 extra.abort()
                 extra.path.unlink(missing_ok=True)

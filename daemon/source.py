@@ -243,10 +243,15 @@ class VideoSource:
                 self._index_container = av.open(str(self.path), mode="r")
             container = self._index_container
             stream = container.streams.video[0]  # the same stream as the decoder's
-            container.seek(self.clock.pts(at_or_before), backward=True, any_frame=False, stream=stream)
+            target = self.clock.pts(at_or_before)
+            container.seek(target, backward=True, any_frame=False, stream=stream)
             for packet in container.demux(stream):
-                if packet.pts is not None and packet.is_keyframe:
+                if packet.pts is None:
+                    continue
+                if packet.is_keyframe:
                     return self.clock.seconds(int(packet.pts))
+                if packet.pts > target:
+                    return None  # no keyframe at or before the target where the seek landed
         except (av.error.FFmpegError, OSError):
             return None
         return None

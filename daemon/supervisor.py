@@ -500,7 +500,6 @@ class Supervisor:
         for handle in list(self.workers.values()):
             if handle.idle and self.queue and not self.draining:
                 self._assign(handle)
-        self._kill_stalled()
         if not self.workers:
             time.sleep(min(timeout, 0.1))
             return
@@ -522,6 +521,9 @@ class Supervisor:
             self._drain_conn(handle)  # a result sent just before exiting still counts
             handle.process.join(timeout=5)
             self._handle_death(handle)
+        # Last, once every message that arrived has been read: a long pause of the supervisor
+        # itself (a huge list being queued) must not make its workers look stalled.
+        self._kill_stalled()
 
     def _kill_stalled(self) -> None:
         """Defence in depth: a worker with work and no sign of life for run.stall_seconds is killed.
@@ -534,6 +536,8 @@ class Supervisor:
         now = time.monotonic()
         for handle in self.workers.values():
             if handle.task is None or handle.stalled or not handle.process.is_alive():
+                continue
+            if handle.conn.poll():  # unread messages: signs of life not yet counted
                 continue
             if now - handle.last_progress <= limit + handle.announced_wait:
                 continue

@@ -22,9 +22,11 @@ from typing import Generic, Protocol, TypeVar
 
 from daemon.timing import FrameSchedule
 
-# Frame-threaded decoders hold a few dozen frames at most; a second covers them at any frame rate
-# that matters, so no frame near a clip was decoded while skipping.
+# Frames a decoder may hold between taking a packet and handing out its picture: frame threads
+# (FFmpeg uses at most 16) plus B-frame reordering. Skipping stops this many frames (and at least
+# a second) before a clip, so no frame that could be on screen at its start was decoded skipping.
 SKIP_MARGIN_SECONDS = Fraction(1)
+SKIP_MARGIN_FRAMES = 32
 
 
 class TimedFrame(Protocol):
@@ -87,12 +89,14 @@ class FrameWalk(Generic[Frame]):
         self.seeks = 0
         self.restarts = 0
         self._landings: dict[Fraction, Fraction | None] = {}  # seek target -> where it would land
+        self._sought: set[Fraction] = set()  # each target is sought once at most
         self._skipping = False
+        self._margin = max(SKIP_MARGIN_SECONDS, SKIP_MARGIN_FRAMES * source.nominal_frame_seconds)
 
     def __iter__(self) -> Iterator[Shown[Frame]]:
         upcoming = self.schedule.next_start_seconds() or Fraction(0)
         frames = self._open(upcoming if self._worth_seeking(None, upcoming) else Fraction(0))
-        self._skip(upcoming > SKIP_MARGIN_SECONDS)
+        self._skip(upcoming > self._margin)
         previous: Frame | None = None
         previous_first = True
         try:
@@ -124,9 +128,13 @@ class FrameWalk(Generic[Frame]):
                     # Safe to drop `current` unshown: a keyframe lies after it and at or before
                     # `next_start`, so its time on screen ends before any clip needs it.
                     _close(frames)
+                    # Frames just after the landing may be on screen at the clip's start: they
+                    # are decoded whole; skipping resumes from the next frame's distance.
+                    self._skip(False)
                     frames = self._open(next_start)
                     previous, previous_first = None, True
-                self._skip(next_start - current.seconds > SKIP_MARGIN_SECONDS)
+                    continue
+                self._skip(next_start - current.seconds > self._margin)
         finally:
             _close(frames)
             self._skip(False)
@@ -140,18 +148,19 @@ class FrameWalk(Generic[Frame]):
         """Seek only forward, only when it skips more than the threshold of decoding, and never
         again after a restart."""
         start = position if position is not None else Fraction(0)
-        if self.restarts or target - start <= self.seek_threshold_seconds:
+        if self.restarts or target in self._sought or target - start <= self.seek_threshold_seconds:
             return False
         if target not in self._landings:  # asked once per target: the answer does not change
             self._landings[target] = self.source.keyframe_seconds(target)
         landing = self._landings[target]
-        return landing is not None and landing - start > self.seek_threshold_seconds
+        return landing is not None and landing <= target and landing - start > self.seek_threshold_seconds
 
     def _open(self, from_seconds: Fraction) -> Iterator[Frame]:
         """Frames from the one on screen at `from_seconds`; from the start if the index misled."""
         if from_seconds <= 0:
             return iter(self.source.frames(Fraction(0)))
         self.seeks += 1
+        self._sought.add(from_seconds)
         frames = iter(self.source.frames(from_seconds))
         first = next(frames, None)
         if first is not None and first.seconds <= from_seconds:

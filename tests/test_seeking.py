@@ -14,7 +14,7 @@ from daemon.timing import FrameSchedule
 from daemon.walk import FrameWalk
 
 from conftest import run_cli
-from media import cut, decoded_indices, expected, make_video, time_limit
+from media import cut, decoded_indices, expected, make_video, settings, time_limit
 
 
 class RecordingSource:
@@ -139,3 +139,16 @@ def test_b_frames_in_a_gap_are_not_decoded_and_the_clips_stay_exact(tmp_path: Pa
     for clip in clips:
         shown = decoded_indices(Path(results[clip].path or ""))
         assert shown == list(range(clip.start_frame, clip.end_frame))
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_a_seek_out_of_a_skipping_gap_decodes_the_clip_start_whole(tmp_path: Path, threshold: float) -> None:
+    # B-frames, a keyframe every 10 frames: each gap is skipped through, then left by a seek that
+    # lands just before the clip; the frames after the landing must not be dropped as B-frames.
+    source = make_video(tmp_path / "b.mp4", fps=30, frames=300, gop=10, bframes=3)
+    clips = [Clip(5, 12), Clip(121, 130), Clip(182, 190), Clip(291, 300)]
+    config = settings(**{"decode.seek_threshold_seconds": threshold})
+    results = cut(source, clips, tmp_path / "out", config)
+    for clip in clips:
+        shown = decoded_indices(Path(results[clip].path or ""))
+        assert shown == list(range(clip.start_frame, clip.end_frame)), clip
