@@ -220,6 +220,8 @@ def _run(args: argparse.Namespace) -> int:
         progress.stop()
     # Once, as a log line: on the terminal (stderr, with the rest of the run's lines) and in the log.
     logger.info(f"summary: {supervisor.totals.line()}")
+    if supervisor.fatal:
+        return EXIT_FAILED  # already said, in one line
     if supervisor.draining and len(supervisor.outcomes) < len(url_list.sources):
         logger.warning("stopped before every URL ended; run the same command again to resume")
         return EXIT_INTERRUPTED

@@ -505,4 +505,5 @@ def serve_command(args: Any) -> int:
         runner.run()
     except (AlreadyRunning, InboxError) as exc:
         raise UsageError(str(exc)) from exc
-    return EXIT_OK
+    # Workers that cannot start: exit non-zero, so systemd marks the service failed and says why.
+    return 1 if runner.supervisor.fatal else EXIT_OK

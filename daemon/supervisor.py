@@ -31,6 +31,9 @@ from daemon.worker import Task, WorkerPaths, worker_main
 LEDGER_NAME = "ledger.sqlite"
 LOCK_NAME = ".download_and_process.lock"
 CRASH_LIMIT = 2
+# Workers that die before they ever ask for work, one after another: the cause is the machine or
+# the settings (a log file that cannot be opened, a broken install), and restarting cannot help.
+STARTUP_DEATH_LIMIT = 3
 
 
 class AlreadyRunning(Exception):
@@ -153,6 +156,7 @@ class _WorkerHandle:
     last_progress: float = field(default_factory=time.monotonic)
     announced_wait: float = 0.0
     stalled: str | None = None  # why the watchdog killed it
+    ready_seen: bool = False  # asked for work at least once
 
 
 class Supervisor:
@@ -190,6 +194,9 @@ class Supervisor:
         )
         # Extra file descriptors that end `step`'s wait early (the service's inbox and signal pipe).
         self.wake_fds: list[int] = []
+        self._startup_deaths = 0
+        # Set when the run cannot go on (workers keep dying at start-up): the reason, in one line.
+        self.fatal: str | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -386,6 +393,8 @@ class Supervisor:
         if kind == "progress":
             return
         if kind == "ready":
+            handle.ready_seen = True
+            self._startup_deaths = 0
             handle.task = None
             self._assign(handle)
         elif kind == "stage":
@@ -473,7 +482,19 @@ class Supervisor:
                 self.queue.appendleft(task)
                 self._queued_urls.add(task.url)
         elif not handle.stop_sent:
-            logger.warning(f"worker {handle.index} died ({how}) while idle")
+            when = "while idle" if handle.ready_seen else "at start-up"
+            logger.warning(f"worker {handle.index} died ({how}) {when}")
+        if not handle.ready_seen and not handle.stop_sent:
+            self._startup_deaths += 1
+            if self._startup_deaths >= STARTUP_DEATH_LIMIT and self.fatal is None:
+                log = self.paths.log_dir / f"worker-{handle.index}.log"
+                self.fatal = (
+                    f"workers died {self._startup_deaths} times in a row before they were ready "
+                    f"(last: worker {handle.index}, {how}); its reason is on stderr above and in {log} "
+                    "when that can be written; unfinished URLs stay pending"
+                )
+                logger.error(self.fatal)
+                self.request_stop(urgent=True)
         if not self.draining and not handle.stop_sent:
             self.totals.worker_restarts += 1
             self.on_event("restart", {"worker": handle.index})

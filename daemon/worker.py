@@ -9,6 +9,7 @@ import hashlib
 import os
 import shutil
 import signal
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -231,13 +232,21 @@ def worker_main(index: int, conn: Any, settings: Settings, paths: WorkerPaths) -
     # Ctrl-C reaches the whole process group; the supervisor decides how workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminate)
-    logs.configure_from_settings(
-        f"worker-{index}", logs.worker_log_path(Path(paths.log_dir), index), settings.run
-    )
     temp = Path(paths.temp_dir)
-    temp.mkdir(parents=True, exist_ok=True)
     try:
-        Worker(index, conn, settings, paths).serve()
+        logs.configure_from_settings(
+            f"worker-{index}", logs.worker_log_path(Path(paths.log_dir), index), settings.run
+        )
+        temp.mkdir(parents=True, exist_ok=True)
+        worker = Worker(index, conn, settings, paths)
+    except Exception as exc:  # noqa: BLE001 - one line on stderr; the supervisor decides what follows
+        print(
+            f"download_and_process: worker {index} cannot start: {type(exc).__name__}: {exc}", file=sys.stderr
+        )
+        logger.opt(exception=True).debug("worker start-up failed")
+        raise SystemExit(3) from None
+    try:
+        worker.serve()
     except (EOFError, BrokenPipeError, ConnectionResetError):
         logger.warning("supervisor went away; stopping")
     finally:

@@ -121,3 +121,19 @@ def test_a_bad_stall_setting_stops_the_run_naming_the_key(workspace: dict[str, P
     done = run_cli(workspace)
     assert done.returncode == 2
     assert "run.stall_seconds" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_workers_that_die_before_they_are_ready_stop_the_run_instead_of_restarting_forever(
+    workspace: dict[str, Path],
+) -> None:
+    # A folder where a worker's log file must go: the log folder itself is fine (the start-up check
+    # passes), but every worker dies opening its own log.
+    fine = make_video(workspace["media"] / "fine.mp4", frames=30)
+    workspace["urls"].write_text(f"{fine}\n")
+    (workspace["clips"] / "fine.txt").write_text("0 30\n")
+    (workspace["out"] / "logs" / "worker-0.log").mkdir(parents=True)
+    done = run_cli(workspace, "--workers", "1", timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "workers died 3 times in a row before they were ready" in done.stderr
+    assert "worker 0 cannot start: IsADirectoryError" in done.stderr and "Traceback" not in done.stderr
+    assert not (workspace["out"] / "fine").exists()  # nothing was processed; the URL stays pending
