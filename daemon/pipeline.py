@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -22,7 +22,7 @@ from daemon.source import SourceFrame, VideoSource
 from daemon.stages import FrameBatch, Stage
 from daemon.stages.resize import Resize
 from daemon.timing import ClipTimeline, FrameSchedule
-from daemon.walk import FrameWalk
+from daemon.walk import FrameWalk, SeekableSource, Shown
 
 if TYPE_CHECKING:  # resize-only runs pass numpy arrays and YUV frames; only the stages need tensors
     import torch
@@ -67,15 +67,8 @@ class ShownFrame(Protocol):
         """(height, width, 3) uint8 RGB, as a host array or a tensor already on a device."""
 
 
-class FrameSource(Protocol):
-    @property
-    def nominal_frame_seconds(self) -> Fraction: ...
-
-    def frames(self, from_seconds: Fraction = ...) -> Generator[ShownFrame, None, None]: ...
-
-    def keyframe_seconds(self, at_or_before: Fraction) -> Fraction | None: ...
-
-    def skip_unreferenced(self, skip: bool) -> None: ...
+class FrameSource(SeekableSource[ShownFrame], Protocol):
+    """A decoder the cutter opens per source: what a walk needs, plus the picture size."""
 
     @property
     def width(self) -> int: ...
@@ -192,16 +185,7 @@ class ClipCutter:
                     on_decoded=sink.frame_decoded,
                 )
                 for shown in walk:
-                    self._show(
-                        shown.frame,
-                        shown.end_seconds,
-                        shown.first,
-                        schedule,
-                        work,
-                        video_id,
-                        output_dir,
-                        report,
-                    )
+                    self._show(shown, schedule, work, video_id, output_dir)
                 interrupted, last_end = walk.interrupted, walk.end_seconds
             self._collect(wait=True)
         except BaseException:
@@ -243,21 +227,19 @@ class ClipCutter:
 
     def _show(
         self,
-        source_frame: ShownFrame,
-        end: Fraction,
-        first: bool,
+        shown: Shown[ShownFrame],
         schedule: FrameSchedule,
         work: dict[Clip, _ClipWork],
         video_id: str,
         output_dir: Path,
-        report: Callable[[ClipResult], None],
     ) -> None:
         self._collect(wait=False)
-        shown = schedule.take(source_frame.seconds, end, first)
-        if not shown:
+        source_frame = shown.frame
+        slots = schedule.take(source_frame.seconds, shown.end_seconds, shown.first)
+        if not slots:
             return
         items: list[tuple[_ClipWork, int]] = []
-        for timeline, count in shown:
+        for timeline, count in slots:
             item = work.get(timeline.clip)
             if item is None:
                 path = output_dir / video_id / timeline.clip.file_name(video_id)
@@ -279,7 +261,7 @@ class ClipCutter:
                 self._flush(item)
                 del work[timeline.clip]
                 if item.lane is None:
-                    report(self._finish(item, video_id))
+                    self._report(self._finish(item, video_id))
                 else:
                     item.finishing = item.lane.submit(self._finish, item, video_id)
                     self._finishing.append(item)
@@ -431,9 +413,8 @@ class ClipCutter:
         try:
             size = item.encoder.finish(expected)
         except (EncodeError, OSError, av.error.FFmpegError) as exc:
-            item.encoder.abort()
-            for extra in item.extra_encoders.values():
-                extra.abort()
+            for encoder in item.encoders():
+                encoder.abort()
             return ClipResult(clip.start_frame, clip.end_frame, None, 0, 0, error=f"{video_id}: {exc}")
         try:
             for extra in item.extra_encoders.values():

@@ -9,8 +9,9 @@ The rules that make every walk end:
 Each decoded frame therefore lies after the previous one, but for at most one restart.
 
 Between clips nothing is shown, so the decoder may drop frames that no other frame needs (the
-B-frames of most streams): it does so while the next clip is more than SKIP_MARGIN_SECONDS away,
-far enough that every frame that could be on screen when the clip starts is decoded in full.
+B-frames of most streams): it does so while the next clip is further away than the margin below,
+and never just after a seek, so every frame that could be on screen when a clip starts is
+decoded in full.
 """
 
 from __future__ import annotations
