@@ -88,13 +88,25 @@ def cli_command(workspace: dict[str, Path], *extra: str) -> list[str]:
     ]
 
 
+def run_command(
+    command: list[str], cwd: Path = ROOT, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a command as a user would, with this checkout importable; output captured as text."""
+    env = env if env is not None else dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env, check=False
+    )
+
+
+def run_module(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`python -m daemon ARGS`."""
+    return run_command([sys.executable, "-m", "daemon", *args], cwd=cwd, timeout=timeout)
+
+
 def run_cli(
     workspace: dict[str, Path], *extra: str, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run(
-        cli_command(workspace, *extra), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
-    )
+    return run_command(cli_command(workspace, *extra), timeout=timeout)
 
 
 BLOCKER = """

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, cli_command
+from conftest import cli_command, run_command
 from media import make_video
 from server import MediaServer
 
@@ -26,8 +26,7 @@ def listed(server: MediaServer, workspace: dict[str, Path]) -> dict[str, Path]:
 
 
 def run(args: list[str]) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    return run_command(args, timeout=120)
 
 
 def assert_usage_error(done: subprocess.CompletedProcess[str], *words: str) -> None:

@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-from conftest import FAST_CONFIG, ROOT
+from conftest import FAST_CONFIG, run_module
 from media import make_video
 
 
 def run_from(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """The command as a user types it, from `folder`, with no --config."""
-    return subprocess.run(
-        [sys.executable, "-m", "daemon", *args],
-        capture_output=True,
-        text=True,
-        cwd=folder,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        timeout=300,
-        check=False,
-    )
+    return run_module(*args, cwd=folder)
 
 
 def test_the_top_level_help_shows_the_run_flags(tmp_path: Path) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
-import subprocess
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -18,7 +16,7 @@ import pytest
 from daemon.gpu.nvcodec import nvdec_unsupported_reason
 from daemon.gpu.probe import GpuProbe, GpuUnavailable, choose_backends, probe_gpu, probe_in_child
 
-from conftest import FAST_CONFIG, ROOT, run_cli
+from conftest import FAST_CONFIG, run_cli, run_command
 from media import decoded_indices, index_image, make_video
 from server import MediaServer
 
@@ -193,14 +191,10 @@ def test_a_clip_nvenc_cannot_open_an_encoder_for_is_made_with_libx265(tmp_path: 
 
 def test_the_probe_runs_as_a_module_without_a_runpy_warning(tmp_path: Path) -> None:
     """The package does not import the probe module, so `-m` runs the only copy there is."""
-    done = subprocess.run(
+    done = run_command(
         [sys.executable, "-W", "error::RuntimeWarning", "-m", "daemon.gpu.probe", "--device", "0"],
-        capture_output=True,
-        text=True,
         cwd=tmp_path,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
         timeout=120,
-        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert "RuntimeWarning" not in done.stderr

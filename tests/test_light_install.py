@@ -6,13 +6,12 @@ workers included, refuses the model packages as if they were not installed, and 
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, cli_command, without_modules
+from conftest import cli_command, run_command, without_modules
 from media import decoded_indices, make_video
 
 BLOCKED = ("torch", "torchvision", "spandrel", "onnxruntime")
@@ -24,9 +23,7 @@ def without_torch(tmp_path: Path) -> tuple[dict[str, str], Path]:
 
 def test_the_blocker_works(tmp_path: Path) -> None:
     env, attempts = without_torch(tmp_path)
-    done = subprocess.run(
-        [sys.executable, "-c", "import torch"], capture_output=True, text=True, env=env, check=False
-    )
+    done = run_command([sys.executable, "-c", "import torch"], env=env)
     assert done.returncode == 1 and "No module named 'torch'" in done.stderr
     assert "torch" in attempts.read_text()
 
@@ -40,15 +37,7 @@ def test_a_resize_only_run_imports_no_torch_anywhere(workspace: dict[str, Path],
     workspace["config"].write_text(
         workspace["config"].read_text().replace("[output]", "[output]\nresize_mode = 'pad'")
     )
-    done = subprocess.run(
-        cli_command(workspace, "--workers", "2"),
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=300,
-        check=False,
-    )
+    done = run_command(cli_command(workspace, "--workers", "2"), env=env)
     assert done.returncode == 0, done.stderr
     made = sorted((workspace["out"] / "v").glob("*.hevc"))
     assert [p.name for p in made] == ["v_0000000_0000010.hevc", "v_0000020_0000030.hevc"]
@@ -72,9 +61,7 @@ def test_a_stage_whose_package_is_missing_stops_with_the_pip_line(
     workspace["urls"].write_text(f"{source}\n")
     (workspace["clips"] / "v.txt").write_text("0 5\n")
     workspace["config"].write_text(config + workspace["config"].read_text().split("\n", 2)[2])
-    done = subprocess.run(
-        cli_command(workspace), capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=False
-    )
+    done = run_command(cli_command(workspace), env=env, timeout=120)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()

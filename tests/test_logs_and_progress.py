@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import ROOT, cli_command, run_cli
+from conftest import ROOT, cli_command, run_cli, run_command, run_module
 from media import make_video
 from server import MediaServer
 
@@ -36,10 +36,7 @@ def test_each_worker_logs_to_its_own_file_naming_worker_video_and_stage(
     assert any(" | worker-0 | walk | download | downloading http" in line for line in lines)
     assert (workspace["out"] / "logs" / "supervisor.log").exists()
 
-    shown = subprocess.run(
-        [sys.executable, "-m", "daemon", "logs", "--output-dir", str(workspace["out"]), "--worker", "0"],
-        capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )  # fmt: skip
+    shown = run_module("logs", "--output-dir", str(workspace["out"]), "--worker", "0")
     assert shown.returncode == 0 and shown.stdout.splitlines() == lines
 
 
@@ -126,15 +123,7 @@ def logs_command(*args: str) -> list[str]:
 
 
 def run_logs(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        logs_command(*args),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        timeout=60,
-        check=False,
-    )
+    return run_command(logs_command(*args), timeout=60)
 
 
 def stamp(second: int) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import sqlite3
 import subprocess
 import sys
@@ -15,21 +14,13 @@ from typing import Any
 import av
 import pytest
 
-from conftest import ROOT, run_cli, without_modules
+from conftest import run_cli, run_command, without_modules
 from media import make_video
 from server import MediaServer
 
 
 def manifest(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "daemon", "manifest", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env or dict(os.environ, PYTHONPATH=str(ROOT)),
-        timeout=120,
-        check=False,
-    )
+    return run_command([sys.executable, "-m", "daemon", "manifest", *args], env=env, timeout=120)
 
 
 @pytest.fixture

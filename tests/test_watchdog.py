@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +15,7 @@ import pytest
 
 from daemon.ledger import Ledger
 
-from conftest import FAST_CONFIG, ROOT, run_cli
+from conftest import FAST_CONFIG, run_cli, run_module
 from media import decoded_indices, make_video
 from server import MediaServer
 
@@ -53,10 +51,7 @@ def test_a_download_that_stops_sending_is_killed_retried_once_and_failed(
     assert f"{stuck}: failed: stalled: no progress for 2 s in download" in done.stderr
     assert done.stderr.count("stalled: no progress") >= 2  # the first stall, then the retry's
     assert not list(workspace["out"].rglob("*.part"))
-    status = subprocess.run(
-        [sys.executable, "-m", "daemon", "status", "--output-dir", str(workspace["out"])],
-        capture_output=True, text=True, timeout=60, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )  # fmt: skip
+    status = run_module("status", "--output-dir", str(workspace["out"]), timeout=60)
     assert status.returncode == 0, status.stderr
     assert "stalled: no progress for 2 s in download" in status.stdout
 
