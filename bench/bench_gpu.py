@@ -29,7 +29,7 @@ from daemon.clips import Clip  # noqa: E402
 from daemon.config import Settings, load_settings  # noqa: E402
 from daemon.encode import X265Encoder, x265_params  # noqa: E402
 from daemon.gpu.probe import choose_backends, probe_gpu  # noqa: E402
-from daemon.pipeline import ClipResult  # noqa: E402
+from daemon.messages import ClipResult  # noqa: E402
 
 SOURCE_W, SOURCE_H, SOURCE_FPS = 1920, 1080, 30
 
@@ -58,7 +58,7 @@ class _Sink:
         if result.error:
             print(f"  clip error: {result.error}")
 
-    def frames_written(self, count: int) -> None:
+    def frames_encoded(self, count: int) -> None:
         pass
 
     def frame_decoded(self) -> None:
@@ -149,24 +149,23 @@ def bench_steps(settings: Settings, source: Path, device_id: int, nvenc: bool, f
 def bench_pipeline(settings: Settings, source: Path, frames: int) -> None:
     import torch
 
-    from daemon.gpu import GpuRuntime
+    from daemon.backends import Backends
     from daemon.pipeline import ClipCutter
     from daemon.stages import build_stages
 
     print("whole pipeline (one clip over the whole source, decode once, stages, encode):")
     clip = Clip(0, int(frames * settings.clips.clip_fps / SOURCE_FPS) - 1)
     out_frames = clip.frame_count(settings.clip_fps, settings.fps)
-    runtime = GpuRuntime.start(settings)
-    gpu_cutter = runtime.cutter(build_stages(settings, runtime.device))
+    backends = Backends.start(settings)
     cpu = torch.device("cpu")
     cpu_cutter = ClipCutter(settings, build_stages(settings, cpu), cpu)
     with tempfile.TemporaryDirectory() as folder:
-        label = f"GPU path ({runtime.choice.describe()})"
+        label = f"GPU path ({backends.choice.describe()})"
 
         def gpu_run() -> None:
-            runtime.process(gpu_cutter, source, "g", [clip], Path(folder), _Sink(), lambda: False)
+            backends.cut(source, "g", [clip], Path(folder), _Sink(), lambda: False)
 
-        timed(label, out_frames, gpu_run, lambda: torch.cuda.synchronize(runtime.device))
+        timed(label, out_frames, gpu_run, lambda: torch.cuda.synchronize(backends.device))
 
         def cpu_run() -> None:
             cpu_cutter.run(source, "c", [clip], Path(folder), _Sink())

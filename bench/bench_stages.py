@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.clips import Clip  # noqa: E402
 from daemon.config import Settings, load_settings  # noqa: E402
-from daemon.pipeline import ClipCutter, ClipResult  # noqa: E402
+from daemon.messages import ClipResult  # noqa: E402
+from daemon.pipeline import ClipCutter  # noqa: E402
 from daemon.stages import FrameBatch, Stage, build_stages  # noqa: E402
 
 ORIGINAL_FPS = 1800 / 102  # RTX 3060: 1-minute video (30 fps) in 1.7 minutes, SR + matting + background
@@ -95,7 +96,7 @@ class _Count:
     def clip_finished(self, result: ClipResult) -> None:
         self.results.append(result)
 
-    def frames_written(self, count: int) -> None:
+    def frames_encoded(self, count: int) -> None:
         pass
 
     def frame_decoded(self) -> None:

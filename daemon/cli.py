@@ -1,4 +1,7 @@
-"""Command line: `download_and_process [run] --urls-file …`, `logs`, and the service's commands."""
+"""Command line: every subcommand (`run`, `serve`, `status`, `logs`, `manifest`) and its checks.
+
+The top of the import graph: nothing in the package imports this module.
+"""
 
 from __future__ import annotations
 
@@ -141,13 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "logs":
             return _logs(args)
         if args.command == "serve":
-            from daemon.service import serve_command
-
-            return serve_command(args)
+            return _serve(args)
         if args.command == "status":
-            from daemon.status import status_command
-
-            return status_command(args)
+            return _status(args)
         if args.command == "manifest":
             return _manifest(args)
         return _run(args)
@@ -156,27 +155,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-def _log_dir(args: argparse.Namespace) -> Path:
-    if args.log_dir:
-        return Path(args.log_dir)
-    config = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    settings = load_settings(config)
-    if settings.run.log_dir:
-        return Path(settings.run.log_dir).expanduser()
-    if args.output_dir:
-        return Path(args.output_dir) / "logs"
-    if settings.service.output_dir:
-        return Path(settings.service.output_dir).expanduser() / "logs"
-    raise UsageError("logs: give --output-dir (or --log-dir)")
-
-
 def _logs(args: argparse.Namespace) -> int:
-    return logs.show_logs(_log_dir(args), args.worker, args.follow)
+    from daemon.folders import log_dir_of
+
+    settings = load_settings(config_path(args))
+    return logs.show_logs(
+        log_dir_of("logs", args.log_dir, args.output_dir, settings), args.worker, args.follow
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
+    from daemon.folders import RunPaths
     from daemon.progress import ProgressView
-    from daemon.supervisor import AlreadyRunning, RunPaths, Supervisor, install_signal_handlers
+    from daemon.supervisor import AlreadyRunning, Supervisor, install_signal_handlers
     from daemon.urls import parse_url_list
 
     settings = settings_from_args(args)
@@ -249,8 +240,7 @@ def check_stages(settings: Settings) -> None:
 def check_gpu(settings: Settings) -> str:
     """The backend the workers will choose, in words; encode.codec = "gpu" without a usable GPU stops
     the run here, before any download (exit 2)."""
-    from daemon.gpu import select_backends
-    from daemon.gpu.probe import GpuUnavailable
+    from daemon.gpu.probe import GpuUnavailable, select_backends
 
     try:
         # Without an NVIDIA driver this answers at once; with one, a child process probes the GPU.
@@ -274,8 +264,8 @@ def loaded_line(config: Path | None, settings: Settings, backend: str, output_di
 
 
 def _manifest(args: argparse.Namespace) -> int:
+    from daemon.folders import LEDGER_NAME, state_dir_of
     from daemon.manifest import ManifestError, write_manifest
-    from daemon.supervisor import LEDGER_NAME, state_dir_of
 
     settings = load_settings(config_path(args))
     state_dir = state_dir_of("manifest", args.state_dir, args.output_dir, settings)
@@ -288,4 +278,70 @@ def _manifest(args: argparse.Namespace) -> int:
     print(f"manifest: {written.rows} clip(s) to {out}", file=sys.stderr)
     for problem in written.problems:
         print(f"manifest: {problem}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """`serve`: returns the exit status (0 after a requested stop)."""
+    from daemon.folders import RunPaths, folder_problem
+    from daemon.service import InboxError, Service
+    from daemon.supervisor import AlreadyRunning
+
+    settings = settings_from_args(args)
+    service = settings.service
+
+    def folder(flag: Path | None, key: str, name: str) -> Path:
+        value = flag or (Path(getattr(service, key)).expanduser() if getattr(service, key) else None)
+        if value is None:
+            raise UsageError(f"serve: give {name} or set service.{key} in the config")
+        return Path(value)
+
+    inbox = folder(args.inbox, "inbox", "--inbox")
+    clip_dir = folder(args.input_clip_dir, "input_clip_dir", "--input-clip-dir")
+    output_dir = folder(args.output_dir, "output_dir", "--output-dir")
+    if not clip_dir.is_dir():
+        raise UsageError(f"--input-clip-dir {clip_dir}: no such folder")
+    if inbox.exists() and not inbox.is_dir():
+        raise UsageError(f"--inbox {inbox}: not a folder")
+    problem = folder_problem(inbox)
+    if problem:
+        raise UsageError(f"--inbox {inbox}: {problem}")
+    paths = RunPaths.from_settings(settings, clip_dir, output_dir)
+    paths.check_writable()
+    logs.configure_from_settings(
+        "supervisor", logs.supervisor_log_path(paths.log_dir), settings.run, console=sys.stderr
+    )
+    check_stages(settings)
+    address = args.metrics_address if args.metrics_address is not None else service.metrics_address
+    runner = Service(settings, paths, inbox.resolve(), address)
+    logger.info(
+        f"serving: inbox {runner.inbox_dir}; {settings.run.workers} worker(s); output {paths.output_dir}; "
+        f"logs {paths.log_dir}"
+    )
+    try:
+        runner.run()
+    except (AlreadyRunning, InboxError) as exc:
+        raise UsageError(str(exc)) from exc
+    # Workers that cannot start: exit non-zero, so systemd marks the service failed and says why.
+    return EXIT_FAILED if runner.supervisor.fatal else EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from daemon.folders import LEDGER_NAME, state_dir_of
+    from daemon.status import StatusError, format_status, read_status
+
+    settings = load_settings(config_path(args))
+    state_dir = state_dir_of("status", args.state_dir, args.output_dir, settings)
+    if args.minutes <= 0 or args.errors < 0:
+        raise UsageError("status: --minutes must be above 0 and --errors 0 or more")
+    try:
+        status = read_status(state_dir / LEDGER_NAME, args.minutes, args.errors)
+    except StatusError as exc:
+        raise UsageError(str(exc)) from exc
+    if args.json:
+        print(json.dumps(status.as_json(), indent=1))
+    else:
+        print(format_status(status))
     return EXIT_OK

@@ -17,9 +17,6 @@ class Clip:
     def start_seconds(self, clip_fps: Fraction) -> Fraction:
         return Fraction(self.start_frame) / clip_fps
 
-    def end_seconds(self, clip_fps: Fraction) -> Fraction:
-        return Fraction(self.end_frame) / clip_fps
-
     def frame_count(self, clip_fps: Fraction, fps: Fraction) -> int:
         """round((end - start) * fps / clip_fps), halves rounded up, at least one frame."""
         exact = Fraction(self.end_frame - self.start_frame) * fps / clip_fps

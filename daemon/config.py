@@ -244,6 +244,15 @@ class Settings(_Section):
             raise ValueError("'composite' needs 'matte' before it in the stages")
         return value
 
+    @model_validator(mode="after")
+    def _matte_is_used(self) -> Settings:
+        if "matte" in self.stages and not self.matte.alpha_stream and "composite" not in self.stages:
+            raise ValueError(
+                "matte.alpha_stream is false and there is no 'composite' stage, so the matte would be "
+                "thrown away; set matte.alpha_stream = true, add 'composite', or remove 'matte' from stages"
+            )
+        return self
+
     @property
     def fps(self) -> Fraction:
         return to_fraction(self.output.fps)
@@ -290,9 +299,9 @@ def auto_workers(codec: str, max_gpu_jobs: int) -> int:
     cores = len(os.sched_getaffinity(0))
     workers = max(2, cores // 4)
     if codec != "cpu":
-        from daemon.gpu.probe import _driver_loadable
+        from daemon.gpu.driver import driver_problem
 
-        if not _driver_loadable():  # "" when an NVIDIA driver loads
+        if not driver_problem():  # "" when an NVIDIA driver loads
             workers = max(workers, max_gpu_jobs + 1)
     return min(workers, 256)
 

@@ -6,7 +6,6 @@ import contextlib
 import os
 from fractions import Fraction
 from pathlib import Path
-from typing import Protocol
 
 import av
 import numpy as np
@@ -15,28 +14,12 @@ from av.video.frame import PictureType
 from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
 
 from daemon.config import EncodeSettings
-
-PART_SUFFIX = ".part"
+from daemon.folders import PART_SUFFIX
+from daemon.frames import ClipEncoder, PictureFormat, Pictures
 
 
 class EncodeError(Exception):
     pass
-
-
-class ClipEncoder(Protocol):
-    """What the pipeline needs from an encoder backend (libx265 here; NVENC where there is one)."""
-
-    path: Path
-    frames_written: int
-
-    def write(self, frames: np.ndarray) -> None:
-        """Append (N, height, width, 3) uint8 RGB frames, or (N, height, width) for a luma-only matte."""
-
-    def finish(self, expected_frames: int) -> int:
-        """Flush, check the frame count, move the file to its final name; returns its size in bytes."""
-
-    def abort(self) -> None:
-        """Remove the unfinished file."""
 
 
 def x265_params(settings: EncodeSettings, single_threaded: bool = False) -> str:
@@ -69,6 +52,8 @@ def x265_params(settings: EncodeSettings, single_threaded: bool = False) -> str:
 class X265Encoder:
     """libx265 through PyAV, on the CPU."""
 
+    accepts = frozenset({PictureFormat.HOST_RGB, PictureFormat.YUV420})
+
     def __init__(
         self,
         path: Path,
@@ -100,12 +85,16 @@ class X265Encoder:
         self._reformatter = VideoReformatter()
         self._time_base = Fraction(1) / fps
 
-    def write(self, frames: np.ndarray) -> None:
-        for image in frames:
-            if image.ndim == 2:
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="gray")
-            else:
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+    def write(self, pictures: Pictures) -> None:
+        if isinstance(pictures, list):  # YUV frames, already BT.709 limited range at the output size
+            for frame in pictures:
+                self._encode(frame)
+            return
+        if not isinstance(pictures, np.ndarray):
+            raise EncodeError(f"{self.path.name}: libx265 takes host pictures, not {type(pictures).__name__}")
+        for image in pictures:
+            layout = "gray" if image.ndim == 2 else "rgb24"
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format=layout)
             self._encode(
                 self._reformatter.reformat(
                     frame,
@@ -114,11 +103,6 @@ class X265Encoder:
                     dst_color_range=ColorRange.MPEG,
                 )
             )
-
-    def write_video_frames(self, frames: list[av.VideoFrame]) -> None:
-        """Append frames already in BT.709 limited-range yuv420p at the output size."""
-        for frame in frames:
-            self._encode(frame)
 
     def _encode(self, frame: av.VideoFrame) -> None:
         # A decoded frame keeps its source picture type, and libx265 would obey it: the source's
@@ -144,6 +128,19 @@ class X265Encoder:
         with contextlib.suppress(Exception):
             self._container.close()
         self.part_path.unlink(missing_ok=True)
+
+
+class X265Encoders:
+    """Opens libx265 encoders; `single_threaded` when clips are written side by side on threads."""
+
+    accepts = X265Encoder.accepts
+
+    def __init__(self, settings: EncodeSettings, single_threaded: bool = False) -> None:
+        self.settings = settings
+        self.single_threaded = single_threaded
+
+    def __call__(self, path: Path, width: int, height: int, fps: Fraction) -> ClipEncoder:
+        return X265Encoder(path, width, height, fps, self.settings, self.single_threaded)
 
 
 def publish(part_path: Path, path: Path) -> int:

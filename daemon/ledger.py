@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS urls (
@@ -73,7 +72,6 @@ class UrlRow:
     url: str
     video_id: str
     state: str
-    attempts: int
     crashes: int
     error: str | None
     retryable: bool
@@ -97,6 +95,23 @@ class SourceMeta:
     width: int
     height: int
     fps: float | None
+
+
+@dataclass(frozen=True)
+class RunningUrl:
+    worker: int
+    url: str
+    video_id: str
+    phase: str | None  # queued, download or process
+    started_at: float | None  # Unix time
+
+
+@dataclass(frozen=True)
+class ClipTotals:
+    written: int
+    failed: int
+    frames: int  # of the clips written
+    bytes: int
 
 
 @dataclass(frozen=True)
@@ -176,7 +191,6 @@ class Ledger:
             url=row["url"],
             video_id=row["video_id"],
             state=row["state"],
-            attempts=row["attempts"],
             crashes=row["crashes"],
             error=row["error"],
             retryable=bool(row["retryable"]),
@@ -197,9 +211,10 @@ class Ledger:
                 (worker, time.time(), url),
             )
 
-    def set_stage(self, url: str, stage: str) -> None:
+    def set_phase(self, url: str, phase: str) -> None:
+        """What the URL's worker is doing (download, process); stored in the column `stage`."""
         with self._tx() as db:
-            db.execute("UPDATE urls SET stage=? WHERE url = ?", (stage, url))
+            db.execute("UPDATE urls SET stage=? WHERE url = ?", (phase, url))
 
     def finish(
         self,
@@ -307,8 +322,44 @@ class Ledger:
             for r in rows
         ]
 
-    def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        return list(self._db.execute(sql, params).fetchall())
+    # --- what `status` reports ---------------------------------------------------------------
+
+    def running(self) -> list[RunningUrl]:
+        """URLs a worker holds now, by worker."""
+        rows = self._db.execute(
+            "SELECT worker, url, video_id, stage, started_at FROM urls"
+            " WHERE state = 'running' ORDER BY worker"
+        )
+        return [RunningUrl(r["worker"], r["url"], r["video_id"], r["stage"], r["started_at"]) for r in rows]
+
+    def urls_ended_since(self, since: float) -> int:
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM urls WHERE state IN ('done', 'skipped', 'failed') AND finished_at >= ?",
+            (since,),
+        ).fetchone()
+        return int(row[0])
+
+    def clip_totals_since(self, since: float) -> ClipTotals:
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(state = 'done'), 0), COALESCE(SUM(state = 'failed'), 0),"
+            " COALESCE(SUM(CASE WHEN state = 'done' THEN frames END), 0),"
+            " COALESCE(SUM(CASE WHEN state = 'done' THEN bytes END), 0)"
+            " FROM clips WHERE finished_at >= ?",
+            (since,),
+        ).fetchone()
+        return ClipTotals(*(int(value) for value in row))
+
+    def recent_errors(self, limit: int) -> list[tuple[str, str, float]]:
+        """(url, error, Unix time) of the latest failed URLs and clips, newest first."""
+        rows = self._db.execute(
+            "SELECT url, error, at FROM ("
+            " SELECT url, error, finished_at AS at FROM urls WHERE state = 'failed' AND error IS NOT NULL"
+            " UNION ALL"
+            " SELECT url, error, finished_at AS at FROM clips WHERE state = 'failed'"
+            ") ORDER BY at DESC LIMIT ?",
+            (limit,),
+        )
+        return [(r["url"], r["error"], r["at"]) for r in rows]
 
     # --- clips ------------------------------------------------------------------------------
 

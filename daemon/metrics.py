@@ -25,10 +25,6 @@ class Metrics:
             "dap_process_seconds_total", "Time spent decoding, processing and encoding", registry=r
         )
         self.restarts = Counter("dap_worker_restarts_total", "Workers started again after dying", registry=r)
-        # Stays 0 until GPU slots exist; dashboards can be built against it now.
-        self.gpu_wait = Gauge(
-            "dap_gpu_slot_wait_seconds", "Time the last task waited for a GPU slot", registry=r
-        )
         self.queued = Gauge("dap_urls_queued", "URLs waiting for a worker", registry=r)
         self.running = Gauge("dap_urls_running", "URLs a worker is on now", registry=r)
         self.paused = Gauge("dap_downloads_paused", "1 while downloads wait for free disk space", registry=r)

@@ -32,9 +32,9 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from daemon.config import Settings
+from daemon.folders import STATUS_FILE, RunPaths
 from daemon.locking import try_exclusive_lock
-from daemon.status import STATUS_FILE
-from daemon.supervisor import RunPaths, Supervisor, folder_problem, install_signal_handlers
+from daemon.supervisor import Supervisor, install_signal_handlers
 from daemon.urls import parse_url_list
 
 CLAIMED, DONE, FAILED = "claimed", "done", "failed"
@@ -460,50 +460,3 @@ class Service:
             self._publish_status()
             supervisor.step(self._wait_seconds(rescan_due))
         self._finish_lists()
-
-
-def serve_command(args: Any) -> int:
-    """`download_and_process serve`: returns the exit status (0 after a requested stop)."""
-    import sys
-
-    from daemon import logs
-    from daemon.cli import EXIT_OK, UsageError, check_stages, settings_from_args
-    from daemon.supervisor import AlreadyRunning
-
-    settings = settings_from_args(args)
-    service = settings.service
-
-    def folder(flag: Path | None, key: str, name: str) -> Path:
-        value = flag or (Path(getattr(service, key)).expanduser() if getattr(service, key) else None)
-        if value is None:
-            raise UsageError(f"serve: give {name} or set service.{key} in the config")
-        return Path(value)
-
-    inbox = folder(args.inbox, "inbox", "--inbox")
-    clip_dir = folder(args.input_clip_dir, "input_clip_dir", "--input-clip-dir")
-    output_dir = folder(args.output_dir, "output_dir", "--output-dir")
-    if not clip_dir.is_dir():
-        raise UsageError(f"--input-clip-dir {clip_dir}: no such folder")
-    if inbox.exists() and not inbox.is_dir():
-        raise UsageError(f"--inbox {inbox}: not a folder")
-    problem = folder_problem(inbox)
-    if problem:
-        raise UsageError(f"--inbox {inbox}: {problem}")
-    paths = RunPaths.from_settings(settings, clip_dir, output_dir)
-    paths.check_writable()
-    logs.configure_from_settings(
-        "supervisor", logs.supervisor_log_path(paths.log_dir), settings.run, console=sys.stderr
-    )
-    check_stages(settings)
-    address = args.metrics_address if args.metrics_address is not None else service.metrics_address
-    runner = Service(settings, paths, inbox.resolve(), address)
-    logger.info(
-        f"serving: inbox {runner.inbox_dir}; {settings.run.workers} worker(s); output {paths.output_dir}; "
-        f"logs {paths.log_dir}"
-    )
-    try:
-        runner.run()
-    except (AlreadyRunning, InboxError) as exc:
-        raise UsageError(str(exc)) from exc
-    # Workers that cannot start: exit non-zero, so systemd marks the service failed and says why.
-    return 1 if runner.supervisor.fatal else EXIT_OK

@@ -14,6 +14,8 @@ import av.video.stream
 import numpy as np
 from av.video.reformatter import ColorRange, Colorspace, Interpolation, VideoReformatter
 
+from daemon.frames import PictureFormat
+
 
 class SourceError(Exception):
     """The source cannot be opened or decoded; the message says why."""
@@ -35,10 +37,18 @@ class SourceFrame:
     """A decoded frame and the moment it appears on screen, in seconds from the stream's start."""
 
     frame: av.VideoFrame
-    seconds: Fraction
+    pts_seconds: Fraction
     duration_seconds: Fraction | None
     # Shared by every frame of a source: a scaler context is costly to set up for each frame.
     reformatter: VideoReformatter = field(default_factory=VideoReformatter)
+
+    @property
+    def width(self) -> int:
+        return int(self.frame.width)
+
+    @property
+    def height(self) -> int:
+        return int(self.frame.height)
 
     def to_rgb(self, size: tuple[int, int] | None = None) -> np.ndarray:
         """(height, width, 3) uint8, full range, using the colour matrix the stream declares.
@@ -164,7 +174,9 @@ class StreamClock:
 
 
 class VideoSource:
-    """One video stream of a media file, decoded forward."""
+    """One video stream of a media file, decoded forward on the CPU."""
+
+    picture_formats = frozenset({PictureFormat.HOST_RGB, PictureFormat.YUV420})
 
     def __init__(self, path: Path, threads: int = 0) -> None:
         self.path = path

@@ -10,10 +10,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon.folders import STATUS_FILE
 from daemon.ledger import URL_STATES, Ledger
-
-# What a running service last published about itself, beside the ledger.
-STATUS_FILE = "service.json"
 
 
 class StatusError(Exception):
@@ -25,7 +23,7 @@ class WorkerNow:
     worker: int
     url: str
     video_id: str
-    stage: str | None
+    stage: str | None  # the worker's phase (queued, download, process); `stage` in the JSON scripts read
     running_seconds: float
 
 
@@ -87,40 +85,17 @@ def read_status(ledger_path: Path, minutes: float = 10.0, error_count: int = 5) 
             counts = ledger.counts()
             rejected = ledger.rejected_line_count()
             workers = [
-                WorkerNow(r["worker"], r["url"], r["video_id"], r["stage"], now - (r["started_at"] or now))
-                for r in ledger.rows(
-                    "SELECT worker, url, video_id, stage, started_at FROM urls"
-                    " WHERE state = 'running' ORDER BY worker"
-                )
+                WorkerNow(r.worker, r.url, r.video_id, r.phase, now - (r.started_at or now))
+                for r in ledger.running()
             ]
-            ended = ledger.rows(
-                "SELECT COUNT(*) FROM urls WHERE state IN ('done', 'skipped', 'failed') AND finished_at >= ?",
-                (since,),
-            )[0][0]
-            clips = ledger.rows(
-                "SELECT SUM(state = 'done'), SUM(state = 'failed'),"
-                " COALESCE(SUM(CASE WHEN state = 'done' THEN frames END), 0),"
-                " COALESCE(SUM(CASE WHEN state = 'done' THEN bytes END), 0)"
-                " FROM clips WHERE finished_at >= ?",
-                (since,),
-            )[0]
-            errors = [
-                ErrorRow(r["url"], r["error"], r["at"])
-                for r in ledger.rows(
-                    "SELECT url, error, at FROM ("
-                    " SELECT url, error, finished_at AS at FROM urls"
-                    " WHERE state = 'failed' AND error IS NOT NULL"
-                    " UNION ALL"
-                    " SELECT url, error, finished_at AS at FROM clips WHERE state = 'failed'"
-                    ") ORDER BY at DESC LIMIT ?",
-                    (error_count,),
-                )
-            ]
+            ended = ledger.urls_ended_since(since)
+            clips = ledger.clip_totals_since(since)
+            errors = [ErrorRow(url, error, at) for url, error, at in ledger.recent_errors(error_count)]
         finally:
             ledger.close()
     except sqlite3.Error as exc:
         raise StatusError(f"cannot read the ledger {ledger_path}: {exc}") from exc
-    throughput = Throughput(minutes, ended, clips[0] or 0, clips[1] or 0, clips[2], clips[3])
+    throughput = Throughput(minutes, ended, clips.written, clips.failed, clips.frames, clips.bytes)
     return Status(
         ledger=str(ledger_path),
         counts={state: counts.get(state, 0) for state in URL_STATES},
@@ -167,24 +142,3 @@ def format_status(status: Status) -> str:
         for error in status.errors:
             lines.append(f"  {_ago(error.at)} ago  {error.url}: {error.error}")
     return "\n".join(lines)
-
-
-def status_command(args: Any) -> int:
-    from daemon.cli import DEFAULT_CONFIG, EXIT_OK, UsageError
-    from daemon.config import load_settings
-    from daemon.supervisor import LEDGER_NAME, state_dir_of
-
-    config = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    settings = load_settings(config)
-    state_dir = state_dir_of("status", args.state_dir, args.output_dir, settings)
-    try:
-        if args.minutes <= 0 or args.errors < 0:
-            raise UsageError("status: --minutes must be above 0 and --errors 0 or more")
-        status = read_status(state_dir / LEDGER_NAME, args.minutes, args.errors)
-    except StatusError as exc:
-        raise UsageError(str(exc)) from exc
-    if args.json:
-        print(json.dumps(status.as_json(), indent=1))
-    else:
-        print(format_status(status))
-    return EXIT_OK

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import signal
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -20,16 +18,29 @@ from loguru import logger
 from multiprocess.connection import wait as wait_any
 
 from daemon.clips import Clip, clip_file_path, read_clip_file
-from daemon.config import ConfigError, Settings
+from daemon.config import Settings
 from daemon.diskspace import DiskGate, Floor
-from daemon.encode import PART_SUFFIX, remove_partial_files
+from daemon.encode import remove_partial_files
+from daemon.folders import LOCK_NAME, PART_SUFFIX, RunPaths
 from daemon.ledger import Ledger, SourceMeta
 from daemon.locking import try_exclusive_lock
+from daemon.messages import (
+    Assign,
+    ClipFinished,
+    FramesEncoded,
+    FromWorker,
+    Heartbeat,
+    PhaseChanged,
+    Ready,
+    SourceProbed,
+    Stop,
+    Task,
+    UrlFinished,
+    WorkerPaths,
+)
 from daemon.urls import Rejected, Source
-from daemon.worker import Task, WorkerPaths, worker_main
+from daemon.worker import worker_main
 
-LEDGER_NAME = "ledger.sqlite"
-LOCK_NAME = ".download_and_process.lock"
 CRASH_LIMIT = 2
 # Workers that die before they ever ask for work, one after another: the cause is the machine or
 # the settings (a log file that cannot be opened, a broken install), and restarting cannot help.
@@ -38,82 +49,6 @@ STARTUP_DEATH_LIMIT = 3
 
 class AlreadyRunning(Exception):
     pass
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    clip_dir: Path
-    output_dir: Path
-    state_dir: Path
-    temp_root: Path
-    log_dir: Path
-
-    @classmethod
-    def from_settings(cls, settings: Settings, clip_dir: Path, output_dir: Path) -> RunPaths:
-        output_dir = output_dir.resolve()
-        state_dir = (
-            Path(settings.run.state_dir).expanduser().resolve() if settings.run.state_dir else output_dir
-        )
-        log_dir = (
-            Path(settings.run.log_dir).expanduser().resolve() if settings.run.log_dir else output_dir / "logs"
-        )
-        base = (
-            Path(settings.run.temp_dir).expanduser() if settings.run.temp_dir else Path(tempfile.gettempdir())
-        )
-        # One temp root per output folder, so two runs on different outputs never clean each other's.
-        tag = hashlib.sha1(str(output_dir).encode()).hexdigest()[:10]
-        return cls(
-            clip_dir=clip_dir.resolve(),
-            output_dir=output_dir,
-            state_dir=state_dir,
-            temp_root=base.resolve() / f"download_and_process-{tag}",
-            log_dir=log_dir,
-        )
-
-    def check_writable(self) -> None:
-        """Create every folder the run writes to and write a file in each, before any download.
-
-        A folder that cannot be used raises ConfigError naming the folder, its setting and why."""
-        for what, folder in (
-            ("output folder (--output-dir)", self.output_dir),
-            ("state folder (run.state_dir)", self.state_dir),
-            ("temp folder (--temp-dir, run.temp_dir)", self.temp_root.parent),
-            ("log folder (run.log_dir)", self.log_dir),
-        ):
-            problem = folder_problem(folder)
-            if problem:
-                raise ConfigError(f"{what} {folder}: {problem}")
-
-
-def state_dir_of(command: str, state_dir: Path | None, output_dir: Path | None, settings: Settings) -> Path:
-    """The ledger's folder for a command that reads it (`status`, `manifest`): --state-dir, then
-    run.state_dir, then --output-dir, then the service's output folder, as a run placed it."""
-    if state_dir:
-        return Path(state_dir)
-    if settings.run.state_dir:
-        return Path(settings.run.state_dir).expanduser()
-    if output_dir:
-        return Path(output_dir)
-    if settings.service.output_dir:
-        return Path(settings.service.output_dir).expanduser()
-    raise ConfigError(f"{command}: give --output-dir (or --state-dir)")
-
-
-def folder_problem(folder: Path) -> str:
-    """Why `folder` cannot be created or written to, or "" when it can."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), folder)
-        return f"cannot be created: {blocker} is a file, not a folder"
-    except OSError as exc:
-        return f"cannot be created: {exc.strerror or exc}"
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        return f"cannot be written to: {exc.strerror or exc}"
-    return ""
 
 
 @dataclass
@@ -127,7 +62,6 @@ class Totals:
     frames: int = 0  # of the clips written; a clip that failed part-way adds none
     bytes: int = 0
     started: float = field(default_factory=time.monotonic)
-    worker_restarts: int = 0
 
     @property
     def seconds(self) -> float:
@@ -150,7 +84,7 @@ class _WorkerHandle:
     conn: Any
     task: Task | None = None
     idle: bool = False
-    stage: str = "starting"
+    phase: str = "starting"  # what it is doing: starting, queued, download, process
     stop_sent: bool = False
     # Watchdog: when the worker last showed progress, and how long it said it would wait on purpose.
     last_progress: float = field(default_factory=time.monotonic)
@@ -207,7 +141,7 @@ class Supervisor:
         self._lock_handle = try_exclusive_lock(lock_path)
         if self._lock_handle is None:
             raise AlreadyRunning(f"another run is already using {self.paths.state_dir} (lock {lock_path})")
-        self.ledger = Ledger(self.paths.state_dir / LEDGER_NAME)
+        self.ledger = Ledger(self.paths.ledger)
         recovered = self.ledger.recover_interrupted()
         if recovered:
             logger.info(f"{recovered} URL(s) interrupted by an earlier run are pending again")
@@ -268,7 +202,7 @@ class Supervisor:
             Task(
                 url=source.url,
                 video_id=source.video_id,
-                clips=[(c.start_frame, c.end_frame) for c in missing],
+                clips=tuple((c.start_frame, c.end_frame) for c in missing),
                 local=source.is_local,
             )
         )
@@ -329,7 +263,7 @@ class Supervisor:
     def _worker_paths(self, index: int) -> WorkerPaths:
         return WorkerPaths(
             output_dir=str(self.paths.output_dir),
-            temp_dir=str(self.paths.temp_root / f"worker-{index}"),
+            temp_dir=str(self.paths.worker_temp(index)),
             log_dir=str(self.paths.log_dir),
         )
 
@@ -372,88 +306,91 @@ class Supervisor:
             return
         task = self.queue.popleft()
         self._queued_urls.discard(task.url)
-        handle.task, handle.idle, handle.stage = task, False, "queued"
+        handle.task, handle.idle, handle.phase = task, False, "queued"
         handle.last_progress, handle.announced_wait = time.monotonic(), 0.0
         self.ledger.mark_running(task.url, handle.index)
-        handle.conn.send({"type": "task", "task": asdict(task)})
+        handle.conn.send(Assign(task))
 
     def _send_stop(self, handle: _WorkerHandle) -> None:
         if handle.stop_sent:
             return
         handle.stop_sent = True
         with contextlib.suppress(BrokenPipeError, OSError):
-            handle.conn.send({"type": "stop"})
+            handle.conn.send(Stop())
 
-    def _handle_message(self, handle: _WorkerHandle, message: dict[str, Any]) -> None:
+    def _handle_message(self, handle: _WorkerHandle, message: FromWorker) -> None:
         assert self.ledger is not None
-        kind = message["type"]
-        # Every message is a sign of life; a progress message may announce a deliberate wait.
+        # Every message is a sign of life; a heartbeat may announce a deliberate wait.
         handle.last_progress = time.monotonic()
-        handle.announced_wait = float(message.get("waiting_seconds") or 0.0)
-        if kind == "progress":
-            return
-        if kind == "ready":
-            handle.ready_seen = True
-            self._startup_deaths = 0
-            handle.task = None
-            self._assign(handle)
-        elif kind == "stage":
-            handle.stage = message["stage"]
-            self.ledger.set_stage(message["url"], message["stage"])
-            self.on_event("stage", {"worker": handle.index, "url": message["url"], "stage": message["stage"]})
-        elif kind == "frames":
-            # Live progress only: the summary counts the frames of clips written, when they are.
-            self.on_event("frames", {"count": message["count"]})
-        elif kind == "source":
-            source = SourceMeta(message["codec"], message["width"], message["height"], message["fps"])
-            self.ledger.set_source(message["url"], source)
-        elif kind == "clip":
-            task = handle.task
-            video_id = task.video_id if task else "?"
-            state = "failed" if message["error"] else "done"
-            self.ledger.record_clip(
-                video_id,
-                message["url"],
-                message["start_frame"],
-                message["end_frame"],
-                state,
-                path=message["path"],
-                frames=message["frames"],
-                size=message["bytes"],
-                error=message["error"],
-                sha256=message.get("sha256"),
-                width=message.get("width"),
-                height=message.get("height"),
-                fps=message.get("fps"),
-            )
-            if state == "done":
-                self.totals.clips_written += 1
-                self.totals.frames += message["frames"]
-                self.totals.bytes += message["bytes"]
-            else:
-                self.totals.clips_failed += 1
-                logger.warning(message["error"])
-            self.on_event("clip", message)
-        elif kind == "result":
-            self._finish_task(handle, message)
+        handle.announced_wait = message.waiting_seconds if isinstance(message, Heartbeat) else 0.0
+        match message:
+            case Heartbeat():
+                pass
+            case Ready():
+                handle.ready_seen = True
+                self._startup_deaths = 0
+                handle.task = None
+                self._assign(handle)
+            case PhaseChanged(url=url, phase=phase):
+                handle.phase = phase
+                self.ledger.set_phase(url, phase)
+                self.on_event("stage", {"worker": handle.index, "url": url, "stage": phase})
+            case FramesEncoded(count=count):
+                # Live progress only: the summary counts the frames of clips written, when they are.
+                self.on_event("frames", {"count": count})
+            case SourceProbed():
+                meta = SourceMeta(message.codec, message.width, message.height, message.fps)
+                self.ledger.set_source(message.url, meta)
+            case ClipFinished():
+                self._record_clip(handle, message)
+            case UrlFinished():
+                self._finish_task(handle, message)
 
-    def _finish_task(self, handle: _WorkerHandle, message: dict[str, Any]) -> None:
+    def _record_clip(self, handle: _WorkerHandle, message: ClipFinished) -> None:
         assert self.ledger is not None
-        url = message["url"]
+        result, output = message.result, message.output
+        video_id = handle.task.video_id if handle.task else "?"
+        state = "failed" if result.error else "done"
+        self.ledger.record_clip(
+            video_id,
+            message.url,
+            result.start_frame,
+            result.end_frame,
+            state,
+            path=result.path,
+            frames=result.frames,
+            size=result.bytes,
+            error=result.error,
+            sha256=message.sha256,
+            width=output.width if output else None,
+            height=output.height if output else None,
+            fps=output.fps if output else None,
+        )
+        if state == "done":
+            self.totals.clips_written += 1
+            self.totals.frames += result.frames
+            self.totals.bytes += result.bytes
+        else:
+            self.totals.clips_failed += 1
+            logger.warning(result.error)
+        self.on_event("clip", {"url": message.url, **asdict(result)})
+
+    def _finish_task(self, handle: _WorkerHandle, message: UrlFinished) -> None:
+        url = message.url
         handle.task = None
-        state = message["state"]
-        if state == "interrupted":
+        if message.state == "interrupted":
+            assert self.ledger is not None
             self.ledger.set_pending(url)
             logger.info(f"{url}: stopped early; its remaining clips stay pending")
             self.on_event("url", {"url": url, "state": "pending", "error": None})
             return
         self._conclude(
             url,
-            state,
-            message.get("error"),
-            retryable=bool(message.get("retryable")),
-            download_seconds=message.get("download_seconds"),
-            process_seconds=message.get("process_seconds"),
+            message.state,
+            message.error,
+            retryable=message.retryable,
+            download_seconds=message.download_seconds,
+            process_seconds=message.process_seconds,
         )
 
     def _handle_death(self, handle: _WorkerHandle) -> None:
@@ -462,7 +399,7 @@ class Supervisor:
         del self.workers[handle.index]
         handle.conn.close()
         how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        shutil.rmtree(self.paths.temp_root / f"worker-{handle.index}", ignore_errors=True)
+        shutil.rmtree(self.paths.worker_temp(handle.index), ignore_errors=True)
         task = handle.task
         if task is not None:
             for part in (self.paths.output_dir / task.video_id).glob(f"*{PART_SUFFIX}"):
@@ -496,7 +433,6 @@ class Supervisor:
                 logger.error(self.fatal)
                 self.request_stop(urgent=True)
         if not self.draining and not handle.stop_sent:
-            self.totals.worker_restarts += 1
             self.on_event("restart", {"worker": handle.index})
             self._start_worker(handle.index)
 
@@ -562,7 +498,7 @@ class Supervisor:
                 continue
             if now - handle.last_progress <= limit + handle.announced_wait:
                 continue
-            handle.stalled = f"stalled: no progress for {limit:g} s in {handle.stage}"
+            handle.stalled = f"stalled: no progress for {limit:g} s in {handle.phase}"
             logger.error(f"worker {handle.index} {handle.stalled} on {handle.task.url}; killing it")
             handle.process.kill()
 
@@ -615,7 +551,7 @@ class Supervisor:
             if handle.task is not None and self.ledger is not None:
                 self.ledger.set_pending(handle.task.url)
             handle.conn.close()
-            shutil.rmtree(self.paths.temp_root / f"worker-{handle.index}", ignore_errors=True)
+            shutil.rmtree(self.paths.worker_temp(handle.index), ignore_errors=True)
         self.workers.clear()
 
 

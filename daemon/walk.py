@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Generic, Protocol, TypeVar
 
+from daemon.frames import Frame, FrameSource
 from daemon.timing import FrameSchedule
 
 # Frames a decoder may hold between taking a packet and handing out its picture: frame threads
@@ -30,36 +30,8 @@ SKIP_MARGIN_SECONDS = Fraction(1)
 SKIP_MARGIN_FRAMES = 32
 
 
-class TimedFrame(Protocol):
-    @property
-    def seconds(self) -> Fraction: ...
-
-    @property
-    def duration_seconds(self) -> Fraction | None: ...
-
-
-Frame = TypeVar("Frame", bound=TimedFrame)
-Frame_co = TypeVar("Frame_co", bound=TimedFrame, covariant=True)
-
-
-class SeekableSource(Protocol[Frame_co]):
-    """What a walk needs of a decoder (daemon.source.VideoSource, daemon.gpu.nvcodec.NvdecSource)."""
-
-    @property
-    def nominal_frame_seconds(self) -> Fraction: ...
-
-    def frames(self, from_seconds: Fraction = ...) -> Iterator[Frame_co]:
-        """Decoded frames in presentation order, from the keyframe at or before `from_seconds`."""
-
-    def keyframe_seconds(self, at_or_before: Fraction) -> Fraction | None:
-        """Where a seek to that moment would land, without moving the decoder; None if unknown."""
-
-    def skip_unreferenced(self, skip: bool) -> None:
-        """Let the decoder drop frames no other frame references (B-frames), or stop doing so."""
-
-
 @dataclass(frozen=True)
-class Shown(Generic[Frame]):
+class Shown:
     """A decoded frame and the end of its time on screen (the next frame's time, or its duration)."""
 
     frame: Frame
@@ -69,12 +41,12 @@ class Shown(Generic[Frame]):
     first: bool
 
 
-class FrameWalk(Generic[Frame]):
+class FrameWalk:
     """Yields the frames a schedule needs, each with its end time; iterate once."""
 
     def __init__(
         self,
-        source: SeekableSource[Frame],
+        source: FrameSource,
         schedule: FrameSchedule,
         seek_threshold_seconds: Fraction,
         should_stop: Callable[[], bool] = lambda: False,
@@ -94,7 +66,7 @@ class FrameWalk(Generic[Frame]):
         self._skipping = False
         self._margin = max(SKIP_MARGIN_SECONDS, SKIP_MARGIN_FRAMES * source.nominal_frame_seconds)
 
-    def __iter__(self) -> Iterator[Shown[Frame]]:
+    def __iter__(self) -> Iterator[Shown]:
         upcoming = self.schedule.next_start_seconds() or Fraction(0)
         frames = self._open(upcoming if self._worth_seeking(None, upcoming) else Fraction(0))
         self._skip(upcoming > self._margin)
@@ -105,9 +77,9 @@ class FrameWalk(Generic[Frame]):
                 current = next(frames, None)
                 if previous is not None:
                     if current is not None:
-                        end = current.seconds
+                        end = current.pts_seconds
                     else:
-                        end = previous.seconds + (
+                        end = previous.pts_seconds + (
                             previous.duration_seconds or self.source.nominal_frame_seconds
                         )
                     self.end_seconds = end
@@ -125,7 +97,7 @@ class FrameWalk(Generic[Frame]):
                 next_start = self.schedule.next_start_seconds()
                 if next_start is None:
                     return
-                if self._worth_seeking(current.seconds, next_start):
+                if self._worth_seeking(current.pts_seconds, next_start):
                     # Safe to drop `current` unshown: a keyframe lies after it and at or before
                     # `next_start`, so its time on screen ends before any clip needs it.
                     _close(frames)
@@ -135,7 +107,7 @@ class FrameWalk(Generic[Frame]):
                     frames = self._open(next_start)
                     previous, previous_first = None, True
                     continue
-                self._skip(next_start - current.seconds > self._margin)
+                self._skip(next_start - current.pts_seconds > self._margin)
         finally:
             _close(frames)
             self._skip(False)
@@ -164,7 +136,7 @@ class FrameWalk(Generic[Frame]):
         self._sought.add(from_seconds)
         frames = iter(self.source.frames(from_seconds))
         first = next(frames, None)
-        if first is not None and first.seconds <= from_seconds:
+        if first is not None and first.pts_seconds <= from_seconds:
             return _chain(first, frames)
         _close(frames)
         self.restarts += 1

@@ -14,7 +14,8 @@ import torch
 
 from daemon.clips import Clip
 from daemon.config import Settings, load_settings
-from daemon.pipeline import ClipCutter, ClipResult
+from daemon.messages import ClipResult
+from daemon.pipeline import ClipCutter
 from daemon.stages import build_stages
 
 BITS = 10  # horizontal bands, most significant on top: up to 1024 distinct frames
@@ -174,7 +175,7 @@ class CollectedClips:
     def clip_finished(self, result: ClipResult) -> None:
         self.results.append(result)
 
-    def frames_written(self, count: int) -> None:
+    def frames_encoded(self, count: int) -> None:
         self.frames += count
 
     def frame_decoded(self) -> None:

@@ -9,8 +9,9 @@ import torch
 
 from daemon.clips import Clip
 from daemon.config import load_settings
-from daemon.encode import X265Encoder
-from daemon.pipeline import ClipCutter, ClipResult
+from daemon.encode import X265Encoder, X265Encoders
+from daemon.messages import ClipResult
+from daemon.pipeline import ClipCutter
 from daemon.stages import FrameBatch
 from daemon.stages.resize import Resize
 
@@ -35,8 +36,12 @@ class BrightnessMatte:
 def cutter(vanishing_suffix: str | None) -> ClipCutter:
     """Encoders whose `.part` file someone deletes just before it is renamed, for names ending so."""
 
-    def factory(path: Path, width: int, height: int, fps: Fraction) -> X265Encoder:
-        encoder = X265Encoder(path, width, height, fps, SETTINGS.encode)
+    class Encoders(X265Encoders):
+        def __call__(self, path: Path, width: int, height: int, fps: Fraction) -> X265Encoder:
+            return vanishing(X265Encoder(path, width, height, fps, SETTINGS.encode))
+
+    def vanishing(encoder: X265Encoder) -> X265Encoder:
+        path = encoder.path
         if vanishing_suffix and path.name.endswith(vanishing_suffix):
             original = encoder.finish
 
@@ -49,7 +54,9 @@ def cutter(vanishing_suffix: str | None) -> ClipCutter:
         return encoder
 
     device = torch.device("cpu")
-    made = ClipCutter(SETTINGS, [Resize(128, 80, "crop"), BrightnessMatte()], device, encoder_factory=factory)
+    made = ClipCutter(
+        SETTINGS, [Resize(128, 80, "crop"), BrightnessMatte()], device, encoders=Encoders(SETTINGS.encode)
+    )
     made.write_alpha = True
     return made
 

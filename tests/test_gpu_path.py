@@ -19,12 +19,11 @@ from av.video.frame import PictureType
 from av.video.reformatter import Colorspace
 from loguru import logger
 
+from daemon.backends import Backends
 from daemon.clips import Clip
 from daemon.config import Settings, load_settings
-from daemon.gpu import GpuRuntime
 from daemon.gpu.probe import probe_gpu
 from daemon.source import VideoSource
-from daemon.stages import build_stages
 
 from conftest import FAST_CONFIG, run_cli
 from media import CollectedClips, decoded_indices, make_video, read_index
@@ -57,10 +56,9 @@ def settings_for(codec: str, tmp_path: Path, **overrides: object) -> Settings:
 
 def cut(settings: Settings, source: Path, clips: list[Clip], out: Path) -> list[list[int]]:
     """Clips cut the way a worker cuts them, as the source frame indices each output frame shows."""
-    runtime = GpuRuntime.start(settings)
-    cutter = runtime.cutter(build_stages(settings, runtime.device))
+    backends = Backends.start(settings)
     sink = CollectedClips()
-    runtime.process(cutter, source, "v", clips, out, sink, lambda: False)
+    backends.cut(source, "v", clips, out, sink, lambda: False)
     assert [result.error for result in sink.results] == [None] * len(clips)
     return [
         decoded_indices(Path(result.path or ""))
@@ -74,8 +72,10 @@ def test_nvdec_shows_the_frames_the_cpu_decoder_shows_at_the_same_times(tmp_path
     source = make_video(tmp_path / "src.mp4", fps=30, frames=90, width=320, height=200)
     for start in (Fraction(0), Fraction(47, 30), Fraction(75, 30)):
         with VideoSource(source) as cpu, NvdecSource(source, 0) as gpu:
-            on_cpu = [(f.seconds, read_index(f.frame.to_ndarray(format="gray"))) for f in cpu.frames(start)]
-            on_gpu = [(f.seconds, read_index(f.nv12[:200].cpu().numpy())) for f in gpu.frames(start)]
+            on_cpu = [
+                (f.pts_seconds, read_index(f.frame.to_ndarray(format="gray"))) for f in cpu.frames(start)
+            ]
+            on_gpu = [(f.pts_seconds, read_index(f.nv12[:200].cpu().numpy())) for f in gpu.frames(start)]
         assert on_gpu == on_cpu, start
         assert on_gpu[0][0] <= start < on_gpu[0][0] + Fraction(1, 30)
         assert [index for _, index in on_gpu] == list(range(on_gpu[0][1], 90))
@@ -114,11 +114,9 @@ def test_colours_match_the_cpu_path(tmp_path: Path) -> None:
 
     means = []
     for codec in ("cpu", "gpu"):
-        runtime = GpuRuntime.start(settings_for(codec, tmp_path))
-        settings = runtime.settings
+        backends = Backends.start(settings_for(codec, tmp_path))
         sink = CollectedClips()
-        runtime.process(
-            runtime.cutter(build_stages(settings, runtime.device)),
+        backends.cut(
             source,
             codec,
             [Clip(0, 10)],

@@ -152,16 +152,15 @@ def test_a_clip_nvenc_cannot_open_an_encoder_for_is_made_with_libx265(tmp_path: 
     load, which fails the same call. Each reason is one warning; the clips all come out."""
     from loguru import logger
 
+    from daemon.backends import Backends
     from daemon.clips import Clip
     from daemon.config import load_settings
-    from daemon.gpu import GpuRuntime
     from daemon.gpu.probe import BackendChoice
-    from daemon.stages import build_stages
 
     from media import CollectedClips
 
     settings = load_settings(None, {"output.width": 128, "output.height": 80, "encode.preset": "ultrafast"})
-    runtime = GpuRuntime(settings, BackendChoice(decode="cpu", encode="nvenc", device="cpu"))
+    backends = Backends(settings, BackendChoice(decode="cpu", encode="nvenc", device="cpu"))
     source = make_video(tmp_path / "v.mp4", frames=30)
     sink = CollectedClips()
     lines: list[str] = []
@@ -169,10 +168,7 @@ def test_a_clip_nvenc_cannot_open_an_encoder_for_is_made_with_libx265(tmp_path: 
         lambda message: lines.append(str(message)), level="DEBUG", format="{level} {message}"
     )
     try:
-        cutter = runtime.cutter(build_stages(settings, runtime.device))
-        runtime.process(
-            cutter, source, "v", [Clip(0, 10), Clip(5, 15)], tmp_path / "out", sink, lambda: False
-        )
+        backends.cut(source, "v", [Clip(0, 10), Clip(5, 15)], tmp_path / "out", sink, lambda: False)
     finally:
         logger.remove(handler)
 

@@ -36,19 +36,19 @@ class RecordingSource:
 
     def frames(self, from_seconds: Fraction = Fraction(0)) -> Iterator[object]:
         for frame in self.source.frames(from_seconds):
-            self.decoded.append(frame.seconds)
+            self.decoded.append(frame.pts_seconds)
             yield frame
 
 
-def walk(path: Path, clips: list[Clip], threshold: float = 1.0) -> tuple[FrameWalk[object], list[Fraction]]:
+def walk(path: Path, clips: list[Clip], threshold: float = 1.0) -> tuple[FrameWalk, list[Fraction]]:
     """Walk the schedule of `clips`, serving every output slot, as the cutter does."""
     with VideoSource(path) as source:
         recording = RecordingSource(source)
         schedule = FrameSchedule(clips, Fraction(30), Fraction(30))
-        frame_walk: FrameWalk[object] = FrameWalk(recording, schedule, Fraction(threshold))  # type: ignore[arg-type]
+        frame_walk = FrameWalk(recording, schedule, Fraction(threshold))  # type: ignore[arg-type]
         with time_limit(30):
             for shown in frame_walk:
-                schedule.take(shown.frame.seconds, shown.end_seconds, shown.first)  # type: ignore[attr-defined]
+                schedule.take(shown.frame.pts_seconds, shown.end_seconds, shown.first)
         return frame_walk, recording.decoded
 
 

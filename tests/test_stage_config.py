@@ -51,6 +51,12 @@ def test_a_stage_order_that_cannot_work_is_refused(stages: list[str], message: s
         load_settings(None, {"stages": stages})
 
 
+def test_a_matte_that_would_be_thrown_away_is_refused_when_the_settings_load() -> None:
+    with pytest.raises(ConfigError, match="matte.alpha_stream is false and there is no 'composite'"):
+        load_settings(None, {"stages": ["resize", "matte"], "matte.alpha_stream": False})
+    load_settings(None, {"stages": ["resize", "matte", "composite"], "matte.alpha_stream": False})
+
+
 ALL_STAGES = ["upscale", "resize", "matte", "composite"]
 
 
@@ -60,11 +66,6 @@ ALL_STAGES = ["upscale", "resize", "matte", "composite"]
         ({"upscale.model": "/no/such/model.pth"}, FileNotFoundError, "upscale.model: '/no/such/model.pth'"),
         ({"matte.model": "/no/such/rvm.onnx"}, FileNotFoundError, "matte.model: '/no/such/rvm.onnx'"),
         ({"composite.background": "/no/such.png"}, FileNotFoundError, "composite.background"),
-        (
-            {"stages": ["resize", "matte"], "matte.alpha_stream": False},
-            ValueError,
-            "matte.alpha_stream is false and there is no 'composite'",
-        ),
     ],
 )
 def test_a_stage_without_a_usable_model_fails_when_the_stages_are_built(

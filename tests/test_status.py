@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from daemon.cli import EXIT_OK, EXIT_USAGE, main
+from daemon.folders import LEDGER_NAME
 from daemon.ledger import Ledger
-from daemon.supervisor import LEDGER_NAME
 
 DONE, FAILED, RUNNING, PENDING = (f"https://example.test/{name}" for name in ("done", "bad", "busy", "wait"))
 
@@ -30,7 +30,7 @@ def ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ledger:
     writer.mark_running(FAILED, 1)
     writer.finish(FAILED, "failed", error="download: HTTP 404: Not Found")
     writer.mark_running(RUNNING, 1)
-    writer.set_stage(RUNNING, "process")
+    writer.set_phase(RUNNING, "process")
     return writer
 
 

@@ -144,7 +144,7 @@ def test_auto_mode_upscales_a_small_source_to_exactly_the_output_size(descriptor
 
 def test_always_mode_runs_the_model_even_on_a_large_source(descriptor: object) -> None:
     stage = Upscale(descriptor, Resize(32, 24, "crop"), "always", batch_size=4)
-    assert stage.needed(480, 640) and not Upscale(descriptor, stage.finish, "auto", 4).needed(480, 640)
+    assert stage.needed(480, 640) and not Upscale(descriptor, stage.to_output, "auto", 4).needed(480, 640)
     assert stage(FrameBatch(torch.rand(1, 3, 24, 32))).rgb.shape == (1, 3, 24, 32)
 
 

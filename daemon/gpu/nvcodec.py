@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import av
-import numpy as np
 import torch
 
 from daemon.config import EncodeSettings
-from daemon.encode import PART_SUFFIX, EncodeError, publish, tag_bt709
+from daemon.encode import EncodeError, publish, tag_bt709
+from daemon.folders import PART_SUFFIX
+from daemon.frames import PictureFormat, Pictures
 from daemon.gpu.color import crop_nv12, nv12_to_rgb, rgb_to_nv12
 from daemon.source import VideoSource, declared_colour
 
@@ -75,16 +76,33 @@ class GpuFrame:
     """One decoded NV12 picture on the device and the moment it appears on screen."""
 
     nv12: torch.Tensor  # (height * 3 / 2, width) uint8, a copy owned by this frame
-    seconds: Fraction
+    pts_seconds: Fraction
     colour: tuple[int, int]  # (matrix, range) the source declares, as daemon.source.declared_colour reads it
     duration_seconds: Fraction | None = None
 
-    def to_rgb(self) -> torch.Tensor:
+    @property
+    def width(self) -> int:
+        return int(self.nv12.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.nv12.shape[0]) * 2 // 3
+
+    def to_rgb(self, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """RGB on the device. NvdecSource offers no host format, so the cutter never asks for a
+        size here: scaling on the device is the resize stage's job."""
+        if size is not None and size != (self.width, self.height):
+            raise ValueError("NVDEC frames are scaled by the resize stage, not on conversion")
         return nv12_to_rgb(self.nv12, *self.colour)
+
+    def to_yuv420(self, size: tuple[int, int], window: tuple[int, int, int, int]) -> av.VideoFrame:
+        raise NotImplementedError("NVDEC frames stay on the device; NvdecSource offers no YUV420 format")
 
 
 class NvdecSource:
     """Same interface as daemon.source.VideoSource, decoding with NVDEC on `device_id`."""
+
+    picture_formats = frozenset({PictureFormat.DEVICE_RGB})
 
     def __init__(self, path: Path, device_id: int) -> None:
         import PyNvVideoCodec as nvc  # noqa: N813
@@ -239,7 +257,8 @@ def nvenc_options(settings: EncodeSettings, fps: Fraction, device_id: int) -> di
 class NvencEncoder:
     """HEVC through NVENC into a raw Annex-B `.hevc` file, written as `.part` and renamed when complete."""
 
-    takes_device_tensors = True
+    # Host pictures are uploaded; YUV frames are the CPU encoder's format.
+    accepts = frozenset({PictureFormat.DEVICE_RGB, PictureFormat.HOST_RGB})
 
     def __init__(
         self, path: Path, width: int, height: int, fps: Fraction, settings: EncodeSettings, device_id: int
@@ -268,9 +287,11 @@ class NvencEncoder:
         for packet in output:
             self._file.write(bytes(packet["data"] if isinstance(packet, dict) else packet))
 
-    def write(self, frames: np.ndarray | torch.Tensor) -> None:
+    def write(self, pictures: Pictures) -> None:
         """(N, H, W, 3) uint8 RGB, or (N, H, W) luma-only, on the host or the device."""
-        images = torch.as_tensor(frames).to(self.device, non_blocking=True)
+        if isinstance(pictures, list):
+            raise EncodeError(f"{self.path.name}: NVENC takes RGB pictures, not YUV frames")
+        images = torch.as_tensor(pictures).to(self.device, non_blocking=True)
         nv12 = rgb_to_nv12(images)
         # The encoder reads on its own stream: the conversion must be complete first.
         torch.cuda.current_stream(self.device).synchronize()

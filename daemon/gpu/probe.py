@@ -8,14 +8,18 @@ worker's process. A child that crashes or hangs is reported as a reason, never a
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+from daemon.gpu.driver import driver_problem
+
+if TYPE_CHECKING:
+    from daemon.config import Settings
 
 # Data-centre parts built without NVENC: NVENC is never tried there, the reason says why.
 NO_NVENC_MODELS = ("A100", "A30", "A800", "H100", "H200", "H800", "H20")
@@ -59,18 +63,9 @@ class BackendChoice:
         return f"decode {self.decode}, stages on {self.device}, encode {self.encode}"
 
 
-def _driver_loadable() -> str:
-    """'' when the CUDA driver library loads, else why not."""
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError as exc:
-        return f"no NVIDIA driver (libcuda.so.1 cannot be loaded: {exc})"
-    return ""
-
-
 def _probe_here(device_id: int) -> GpuProbe:
     """The probe proper; runs in the child process."""
-    no_driver = _driver_loadable()
+    no_driver = driver_problem()
     if no_driver:
         return GpuProbe(device_id, cuda_reason=no_driver, nvdec_reason=no_driver, nvenc_reason=no_driver)
     try:
@@ -136,7 +131,7 @@ def probe_gpu(device_id: int, timeout_seconds: float = 60.0) -> GpuProbe:
     """What this machine's GPU can do; whatever happens while finding out comes back as a GpuProbe."""
     # Loading the driver library creates no device context, so it is safe here, and on a machine
     # without a driver it answers at once instead of after a child interpreter has started.
-    no_driver = _driver_loadable()
+    no_driver = driver_problem()
     if no_driver:
         return GpuProbe(device_id, cuda_reason=no_driver, nvdec_reason=no_driver, nvenc_reason=no_driver)
     return probe_in_child(device_id, timeout_seconds)
@@ -186,6 +181,14 @@ def choose_backends(codec: Literal["auto", "cpu", "gpu"], probe: GpuProbe | None
         f"cuda:{probe.device_id}",
         fallbacks,
     )
+
+
+def select_backends(settings: Settings) -> tuple[BackendChoice, str]:
+    """(backends, device name) for a worker; probes in a child process unless encode.codec = "cpu"."""
+    if settings.encode.codec == "cpu":
+        return choose_backends("cpu", None), ""
+    probe = probe_gpu(settings.run.device_id, settings.gpu.probe_timeout_seconds)
+    return choose_backends(settings.encode.codec, probe), probe.device_name
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,11 +10,23 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loguru import logger
+
+if TYPE_CHECKING:
+    from daemon.config import Settings
+
+
+def slot_dir(settings: Settings) -> Path:
+    """Where the slot files live: gpu.slot_dir, else one folder in the temp dir for every run."""
+    if settings.gpu.slot_dir:
+        return Path(settings.gpu.slot_dir).expanduser()
+    return Path(tempfile.gettempdir()) / "download_and_process-gpu"
 
 
 def free_memory_mb(device_id: int) -> float | None:

@@ -11,7 +11,7 @@ import torch
 
 from daemon.config import Settings
 from daemon.source import SourceError, VideoSource
-from daemon.stages import FrameBatch
+from daemon.stages.base import FrameBatch
 from daemon.stages.resize import Resize, parse_color
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}

@@ -12,7 +12,7 @@ from loguru import logger
 
 from daemon import models
 from daemon.config import Settings
-from daemon.stages import FrameBatch
+from daemon.stages.base import FrameBatch
 
 STATE_KEY = "matte_recurrent"
 # RVM works best when the frame it looks at is a few hundred pixels across.
@@ -133,11 +133,6 @@ class Matte:
     @classmethod
     def from_settings(cls, settings: Settings, device: torch.device) -> Matte:
         config = settings.matte
-        if not config.alpha_stream and "composite" not in settings.stages:
-            raise ValueError(
-                "matte: matte.alpha_stream is false and there is no 'composite' stage, so the matte would be "
-                "thrown away; set matte.alpha_stream = true, add 'composite', or remove 'matte' from stages"
-            )
         return cls(load_matting_model(config.model, device, config.threads), config.downsample_ratio)
 
     def runs_on(self, width: int, height: int) -> bool:

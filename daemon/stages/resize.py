@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 import numpy as np
 
 from daemon.config import Settings
-from daemon.stages import FrameBatch
+from daemon.stages.base import FrameBatch
 
 if TYPE_CHECKING:  # planning a resize for the decoder's scaler needs no torch; resizing tensors does
     import torch

@@ -10,7 +10,7 @@ from loguru import logger
 
 from daemon import models
 from daemon.config import Settings
-from daemon.stages import FrameBatch
+from daemon.stages.base import FrameBatch
 from daemon.stages.resize import Resize, parse_color
 
 # Tile sides tried, largest first, when whole frames do not fit in the device's memory.
@@ -73,7 +73,7 @@ class Upscale:
     def __init__(
         self,
         descriptor: Any,
-        finish: Resize,
+        to_output: Resize,
         mode: Literal["auto", "always"],
         batch_size: int,
         tile_size: int = 0,
@@ -81,7 +81,7 @@ class Upscale:
     ) -> None:
         self.descriptor = descriptor
         self.scale: int = descriptor.scale
-        self.finish = finish
+        self.to_output = to_output  # brings the upscaled frames to the output size
         self.mode = mode
         self.batch_size = batch_size
         self.tile_size = tile_size
@@ -93,13 +93,15 @@ class Upscale:
         if config.mode == "off":
             return _PassThrough()
         out = settings.output
-        finish = Resize(out.width, out.height, out.resize_mode, parse_color(out.pad_color))
+        to_output = Resize(out.width, out.height, out.resize_mode, parse_color(out.pad_color))
         descriptor = load_model(config.model, device, config.half)
         logger.debug(f"upscale model {descriptor.architecture.name} x{descriptor.scale} on {device}")
-        return cls(descriptor, finish, config.mode, config.batch_size, config.tile_size, config.tile_overlap)
+        return cls(
+            descriptor, to_output, config.mode, config.batch_size, config.tile_size, config.tile_overlap
+        )
 
     def needed(self, height: int, width: int) -> bool:
-        return self.mode == "always" or height < self.finish.height or width < self.finish.width
+        return self.mode == "always" or height < self.to_output.height or width < self.to_output.width
 
     def runs_on(self, width: int, height: int) -> bool:
         return self.needed(height, width)
@@ -114,7 +116,7 @@ class Upscale:
         for start in range(0, batch.rgb.shape[0], self.batch_size):
             chunk = slice(start, start + self.batch_size)
             alpha_chunk = batch.alpha[chunk] if batch.alpha is not None else None
-            finished = self.finish(FrameBatch(self.run(batch.rgb[chunk]), alpha_chunk))
+            finished = self.to_output(FrameBatch(self.run(batch.rgb[chunk]), alpha_chunk))
             rgb.append(finished.rgb)
             if finished.alpha is not None:
                 alpha.append(finished.alpha)
