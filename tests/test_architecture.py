@@ -1,0 +1,157 @@
+"""The package's import graph: layers that only import downwards, and no circles.
+
+Read from the source with `ast`, counting imports inside functions too (they run, only later), and
+leaving out those under `if TYPE_CHECKING:` (they never run). A new module must be given a layer.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "daemon"
+
+# Top to bottom. A module may import modules of its own layer or below, never above.
+LAYERS: list[set[str]] = [
+    {"daemon.cli", "daemon.__main__"},
+    {"daemon.service", "daemon.status", "daemon.manifest", "daemon.progress"},
+    {"daemon.supervisor"},
+    {"daemon.worker"},
+    {"daemon.backends"},
+    {"daemon.pipeline"},
+    {
+        "daemon.stages",
+        "daemon.stages.resize",
+        "daemon.stages.upscale",
+        "daemon.stages.matte",
+        "daemon.stages.composite",
+        "daemon.models",
+        "daemon.encode",
+        "daemon.source",
+        "daemon.walk",
+        "daemon.timing",
+        "daemon.download",
+        "daemon.gpu.nvcodec",
+        "daemon.gpu.color",
+        "daemon.gpu.slots",
+        "daemon.gpu.probe",
+    },
+    {
+        "daemon",
+        "daemon.gpu",
+        "daemon.gpu.driver",
+        "daemon.stages.base",
+        "daemon.frames",
+        "daemon.messages",
+        "daemon.folders",
+        "daemon.config",
+        "daemon.ledger",
+        "daemon.clips",
+        "daemon.extras",
+        "daemon.logs",
+        "daemon.urls",
+        "daemon.diskspace",
+        "daemon.locking",
+        "daemon.metrics",
+    },
+]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """The package's modules that `path` imports when it runs."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            # `from daemon import logs` imports the module daemon.logs.
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")))
+    return {name for name in found if name in known}
+
+
+def graph() -> dict[str, set[str]]:
+    found = modules()
+    known = set(found)
+    return {name: imports_of(path, known) - {name} for name, path in found.items()}
+
+
+def layer_of(name: str) -> int:
+    for index, layer in enumerate(LAYERS):
+        if name in layer:
+            return index
+    raise AssertionError(f"{name} has no layer in tests/test_architecture.py; give it one")
+
+
+def test_every_module_has_a_layer() -> None:
+    assert sorted(set(modules()) - set().union(*LAYERS)) == []
+    assert sorted(set().union(*LAYERS) - set(modules())) == []  # no stale names either
+
+
+def test_imports_only_go_down_the_layers() -> None:
+    upward = [
+        f"{module} (layer {layer_of(module)}) imports {target} (layer {layer_of(target)})"
+        for module, targets in graph().items()
+        for target in sorted(targets)
+        if layer_of(target) < layer_of(module)
+    ]
+    assert upward == []
+
+
+def test_the_import_graph_has_no_cycles() -> None:
+    edges = graph()
+    state: dict[str, str] = {}
+    cycles: list[list[str]] = []
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(edges[module]):
+            if state.get(target) == "open":
+                cycles.append([*trail[trail.index(target) :], target])
+            elif target not in state:
+                visit(target, [*trail, target])
+        state[module] = "done"
+
+    for module in sorted(edges):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []
+
+
+def test_the_checker_sees_a_lazy_upward_import(tmp_path: Path) -> None:
+    """The rule itself: an import inside a function counts, one under TYPE_CHECKING does not."""
+    source = tmp_path / "probe.py"
+    source.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from daemon.cli import main\n"
+        "def f():\n    from daemon.supervisor import Supervisor\n",
+        encoding="utf-8",
+    )
+    assert imports_of(source, {"daemon.cli", "daemon.supervisor"}) == {"daemon.supervisor"}
