@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 import signal
 import time
@@ -13,9 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import multiprocess as mp
 from loguru import logger
-from multiprocess.connection import wait as wait_any
 
 from daemon.clips import Clip, clip_file_path, read_clip_file
 from daemon.config import Settings
@@ -23,6 +19,7 @@ from daemon.diskspace import DiskGate, Floor
 from daemon.encode import remove_partial_files
 from daemon.folders import LOCK_NAME, PART_SUFFIX, RunPaths
 from daemon.ledger import Ledger, SourceMeta
+from daemon.links import Launcher, ProcessLauncher, WorkerLink
 from daemon.locking import try_exclusive_lock
 from daemon.messages import (
     Assign,
@@ -39,7 +36,6 @@ from daemon.messages import (
     WorkerPaths,
 )
 from daemon.urls import Rejected, Source
-from daemon.worker import worker_main
 
 CRASH_LIMIT = 2
 # Workers that die before they ever ask for work, one after another: the cause is the machine or
@@ -80,8 +76,7 @@ class Totals:
 @dataclass
 class _WorkerHandle:
     index: int
-    process: Any
-    conn: Any
+    link: WorkerLink
     task: Task | None = None
     idle: bool = False
     phase: str = "starting"  # what it is doing: starting, queued, download, process
@@ -91,6 +86,7 @@ class _WorkerHandle:
     announced_wait: float = 0.0
     stalled: str | None = None  # why the watchdog killed it
     ready_seen: bool = False  # asked for work at least once
+    node: str = ""  # the machine it runs on, as it said when ready
 
 
 class Supervisor:
@@ -114,7 +110,7 @@ class Supervisor:
         self._drain_deadline: float | None = None
         self._lock_handle: Any = None
         self._started_at = time.monotonic()
-        self._ctx = mp.get_context("spawn")
+        self.launcher: Launcher | None = None  # started by `open`
         self.ledger: Ledger | None = None
         # URL -> its final state for this run, so the summary counts each URL once.
         self.outcomes: dict[str, str] = {}
@@ -150,9 +146,12 @@ class Supervisor:
             logger.info(f"removed {removed} unfinished .part file(s) left by an earlier run")
         shutil.rmtree(self.paths.temp_root, ignore_errors=True)
         self.paths.temp_root.mkdir(parents=True, exist_ok=True)
+        self.launcher = start_launcher(self.settings)
 
     def close(self) -> None:
         self._stop_all_workers(force=True)
+        if self.launcher is not None:
+            self.launcher.close()
         shutil.rmtree(self.paths.temp_root, ignore_errors=True)
         if self.ledger is not None:
             self.ledger.close()
@@ -268,21 +267,9 @@ class Supervisor:
         )
 
     def _start_worker(self, index: int) -> None:
-        # Frames are made on the decoding thread and freed on clip threads; glibc's default of an
-        # arena per thread then keeps ~50 MB more resident per worker (measured). Set before the
-        # spawn, since glibc reads it once at start; a value the user set is kept.
-        os.environ.setdefault("MALLOC_ARENA_MAX", "2")
-        parent, child = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(
-            target=worker_main,
-            args=(index, child, self.settings, self._worker_paths(index)),
-            name=f"download_and_process-worker-{index}",
-            daemon=False,
-        )
-        process.start()
-        child.close()
-        self.workers[index] = _WorkerHandle(index=index, process=process, conn=parent)
-        logger.info(f"started worker {index} (pid {process.pid})")
+        assert self.launcher is not None
+        link = self.launcher.start(index, self.settings, self._worker_paths(index))
+        self.workers[index] = _WorkerHandle(index=index, link=link)
 
     def _start_due_workers(self) -> None:
         if self.draining:
@@ -308,15 +295,14 @@ class Supervisor:
         self._queued_urls.discard(task.url)
         handle.task, handle.idle, handle.phase = task, False, "queued"
         handle.last_progress, handle.announced_wait = time.monotonic(), 0.0
-        self.ledger.mark_running(task.url, handle.index)
-        handle.conn.send(Assign(task))
+        self.ledger.mark_running(task.url, handle.index, handle.node)
+        handle.link.send(Assign(task))
 
     def _send_stop(self, handle: _WorkerHandle) -> None:
         if handle.stop_sent:
             return
         handle.stop_sent = True
-        with contextlib.suppress(BrokenPipeError, OSError):
-            handle.conn.send(Stop())
+        handle.link.send(Stop())
 
     def _handle_message(self, handle: _WorkerHandle, message: FromWorker) -> None:
         assert self.ledger is not None
@@ -326,8 +312,9 @@ class Supervisor:
         match message:
             case Heartbeat():
                 pass
-            case Ready():
+            case Ready(node=node):
                 handle.ready_seen = True
+                handle.node = node or handle.node
                 self._startup_deaths = 0
                 handle.task = None
                 self._assign(handle)
@@ -395,10 +382,9 @@ class Supervisor:
 
     def _handle_death(self, handle: _WorkerHandle) -> None:
         assert self.ledger is not None
-        code = handle.process.exitcode
         del self.workers[handle.index]
-        handle.conn.close()
-        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        how = handle.link.death()
+        handle.link.close()
         shutil.rmtree(self.paths.worker_temp(handle.index), ignore_errors=True)
         task = handle.task
         if task is not None:
@@ -460,23 +446,16 @@ class Supervisor:
         if not self.workers:
             time.sleep(min(timeout, 0.1))
             return
-        waitables: dict[Any, tuple[str, _WorkerHandle]] = {}
-        for handle in self.workers.values():
-            waitables[handle.conn] = ("conn", handle)
-            waitables[handle.process.sentinel] = ("dead", handle)
-        ready = wait_any(list(waitables) + self.wake_fds, timeout=timeout)
+        assert self.launcher is not None
+        self.launcher.wait([h.link for h in self.workers.values()], timeout, self.wake_fds)
         dead: list[_WorkerHandle] = []
-        for item in ready:
-            if item not in waitables:
-                continue  # a wake-up; its owner reads it
-            what, handle = waitables[item]
-            if what == "dead":
+        for handle in list(self.workers.values()):
+            self._receive(handle)
+            if not handle.link.alive():
                 dead.append(handle)
-                continue
-            self._drain_conn(handle)
         for handle in dead:
-            self._drain_conn(handle)  # a result sent just before exiting still counts
-            handle.process.join(timeout=5)
+            handle.link.join(timeout=5)
+            self._receive(handle)  # a result sent just before exiting still counts
             self._handle_death(handle)
         # Last, once every message that arrived has been read: a long pause of the supervisor
         # itself (a huge list being queued) must not make its workers look stalled.
@@ -492,22 +471,17 @@ class Supervisor:
             return
         now = time.monotonic()
         for handle in self.workers.values():
-            if handle.task is None or handle.stalled or not handle.process.is_alive():
-                continue
-            if handle.conn.poll():  # unread messages: signs of life not yet counted
+            if handle.task is None or handle.stalled or not handle.link.alive():
                 continue
             if now - handle.last_progress <= limit + handle.announced_wait:
                 continue
             handle.stalled = f"stalled: no progress for {limit:g} s in {handle.phase}"
             logger.error(f"worker {handle.index} {handle.stalled} on {handle.task.url}; killing it")
-            handle.process.kill()
+            handle.link.kill()
 
-    def _drain_conn(self, handle: _WorkerHandle) -> None:
-        try:
-            while handle.conn.poll():
-                self._handle_message(handle, handle.conn.recv())
-        except (EOFError, OSError):
-            pass
+    def _receive(self, handle: _WorkerHandle) -> None:
+        for message in handle.link.receive():
+            self._handle_message(handle, message)
 
     @property
     def busy(self) -> bool:
@@ -537,20 +511,20 @@ class Supervisor:
 
     def _stop_all_workers(self, force: bool) -> None:
         for handle in list(self.workers.values()):
-            if force and handle.process.is_alive():
-                handle.process.terminate()
+            if force:
+                handle.link.stop_now()
             else:
                 self._send_stop(handle)
         deadline = time.monotonic() + (10 if not force else 5)
         for handle in list(self.workers.values()):
-            handle.process.join(timeout=max(0.1, deadline - time.monotonic()))
-            if handle.process.is_alive():
-                handle.process.kill()
-                handle.process.join(timeout=5)
-            self._drain_conn(handle)
+            handle.link.join(timeout=max(0.1, deadline - time.monotonic()))
+            if handle.link.alive():
+                handle.link.kill()
+                handle.link.join(timeout=5)
+            self._receive(handle)
             if handle.task is not None and self.ledger is not None:
                 self.ledger.set_pending(handle.task.url)
-            handle.conn.close()
+            handle.link.close()
             shutil.rmtree(self.paths.worker_temp(handle.index), ignore_errors=True)
         self.workers.clear()
 
@@ -567,3 +541,12 @@ def install_signal_handlers(supervisor: Supervisor) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def start_launcher(settings: Settings) -> Launcher:
+    """Local worker processes, or Ray actors on the cluster run.ray_address names."""
+    if settings.run.backend == "ray":
+        from daemon.ray_links import RayLauncher
+
+        return RayLauncher(settings)
+    return ProcessLauncher()

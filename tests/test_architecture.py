@@ -16,6 +16,7 @@ LAYERS: list[set[str]] = [
     {"daemon.cli", "daemon.__main__"},
     {"daemon.service", "daemon.status", "daemon.manifest", "daemon.progress"},
     {"daemon.supervisor"},
+    {"daemon.links", "daemon.ray_links"},
     {"daemon.worker"},
     {"daemon.backends"},
     {"daemon.pipeline"},
