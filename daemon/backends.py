@@ -7,6 +7,7 @@ Chosen once per worker from a probe in a child process; encode.codec = "cpu" nev
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -19,7 +20,7 @@ from daemon.config import Settings
 from daemon.encode import X265Encoder
 from daemon.frames import ClipEncoder, FrameSource, PictureFormat
 from daemon.gpu.probe import BackendChoice, select_backends
-from daemon.gpu.slots import GpuSlots, slot_dir
+from daemon.gpu.slots import GpuSlots, RaySlots, slot_dir
 from daemon.messages import ClipResult
 from daemon.pipeline import ClipCutter, ProgressSink, VideoOutcome
 from daemon.source import VideoSource
@@ -86,17 +87,7 @@ class Backends:
         self.choice = choice
         # A device name, not a torch.device: torch is imported only by what computes on tensors.
         self.device = choice.device
-        self.slots: GpuSlots | None = None
-        if choice.uses_gpu:
-            gpu = settings.gpu
-            self.slots = GpuSlots(
-                slot_dir(settings),
-                settings.run.device_id,
-                gpu.max_gpu_jobs,
-                gpu.slot_wait_initial_seconds,
-                gpu.slot_wait_max_seconds,
-                gpu.min_free_memory_mb,
-            )
+        self.slots = choose_slots(settings, choice)
         where = f" on GPU {settings.run.device_id} ({device_name})" if device_name else ""
         logger.info(f"backends: {choice.describe()}{where}")
         for reason in choice.fallbacks:
@@ -135,12 +126,29 @@ class Backends:
             yield
             return
         with self.slots.hold(what, on_wait):
-            yield
+            # Wall-clock times, so that slots held on different machines can be compared.
+            logger.debug(f"slot taken at {time.time():.3f} for {what}")
+            try:
+                yield
+            finally:
+                logger.debug(f"slot given back at {time.time():.3f} for {what}")
 
     def _cpu_fallback(self) -> ClipCutter:
         if self._cpu_cutter is None:
             self._cpu_cutter = ClipCutter(self.settings, build_stages(self.settings, "cpu"), "cpu")
         return self._cpu_cutter
+
+    def _cut_on_cpu(
+        self,
+        source: Path,
+        video_id: str,
+        clips: list[Clip],
+        output_dir: Path,
+        sink: ProgressSink,
+        should_stop: Callable[[], bool],
+    ) -> VideoOutcome:
+        with self.slot(f"{video_id} ({len(clips)} clip(s))", sink.waiting):
+            return self.cutter.run(source, video_id, clips, output_dir, sink, should_stop)
 
     def cut(
         self,
@@ -154,8 +162,8 @@ class Backends:
         """Every clip of `source`, inside a GPU slot; out of device memory, halve the batch and redo
         the unfinished clips; when that fails at batch size 1, or NVDEC fails, the CPU finishes them."""
         cutter = self.cutter
-        if self.slots is None:
-            return cutter.run(source, video_id, clips, output_dir, sink, should_stop)
+        if not self.choice.uses_gpu:
+            return self._cut_on_cpu(source, video_id, clips, output_dir, sink, should_stop)
         # The GPU path only: the CPU path of a core install has no torch to import.
         import torch
 
@@ -190,3 +198,24 @@ class Backends:
         logger.warning(f"{video_id}: {len(remaining)} clip(s) go to the CPU path: {reason}")
         outcome = self._cpu_fallback().run(source, video_id, remaining, output_dir, recorder, should_stop)
         return VideoOutcome(results=recorder.results, interrupted=outcome.interrupted)
+
+
+def choose_slots(settings: Settings, choice: BackendChoice) -> GpuSlots | RaySlots | None:
+    """What limits GPU work: lock files on one machine; Ray resources on a cluster (a custom
+    resource when run.ray_slot_resource names one, a share of a GPU otherwise); nothing on a CPU
+    worker without a custom resource."""
+    if settings.run.backend == "ray":
+        if settings.run.ray_slot_resource:
+            return RaySlots({settings.run.ray_slot_resource: 1.0})
+        return RaySlots({"GPU": 1.0 / settings.gpu.max_gpu_jobs}) if choice.uses_gpu else None
+    if not choice.uses_gpu:
+        return None
+    gpu = settings.gpu
+    return GpuSlots(
+        slot_dir(settings),
+        settings.run.device_id,
+        gpu.max_gpu_jobs,
+        gpu.slot_wait_initial_seconds,
+        gpu.slot_wait_max_seconds,
+        gpu.min_free_memory_mb,
+    )

@@ -45,6 +45,10 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", help="TRACE, DEBUG, INFO, WARNING or ERROR (default INFO)")
     parser.add_argument("--temp-dir", help="where downloads go while they are processed")
     parser.add_argument(
+        "--backend", choices=("local", "ray"), help="worker processes here, or Ray actors (default local)"
+    )
+    parser.add_argument("--ray-address", help="Ray cluster to join, e.g. HEAD:6379 (default: start one here)")
+    parser.add_argument(
         "--retry-failed",
         action="store_true",
         default=None,
@@ -62,6 +66,8 @@ _FLAG_KEYS = {
     "log_level": "run.log_level",
     "temp_dir": "run.temp_dir",
     "retry_failed": "run.retry_failed",
+    "backend": "run.backend",
+    "ray_address": "run.ray_address",
 }
 
 
@@ -221,10 +227,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def check_stages(settings: Settings) -> None:
     """Build every stage once before any download, so a missing model or package stops the run at once."""
-    from daemon.extras import MissingExtra, require_for_stages
+    from daemon.extras import MissingExtra, require_for_settings
 
     try:
-        require_for_stages(settings)
+        require_for_settings(settings)
     except MissingExtra as exc:
         raise ConfigError(str(exc)) from exc
     if set(settings.stages) <= {"resize"}:

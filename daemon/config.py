@@ -40,6 +40,16 @@ class RunSettings(_Section):
     # A worker busy with a URL that shows no progress (no byte downloaded, no frame decoded or
     # written) for this long is killed; its URL is retried once, then failed as stalled. 0: off.
     stall_seconds: float = Field(300.0, ge=0)
+    # Where workers run: "local" processes on this machine, or "ray": one Ray actor per worker,
+    # on the cluster at ray_address ("" starts a Ray instance on this machine).
+    backend: Literal["local", "ray"] = "local"
+    ray_address: str = ""
+    # CPUs each Ray worker asks the cluster for; it writes that many clips at once unless
+    # encode.parallel_clips says otherwise.
+    ray_worker_cpus: int = Field(1, ge=1, le=256)
+    # A custom Ray resource a worker holds one unit of while it decodes, runs stages and encodes
+    # (the GPU part); "" uses {"GPU": 1 / gpu.max_gpu_jobs} on GPU workers and nothing on CPU ones.
+    ray_slot_resource: str = ""
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -73,6 +83,9 @@ class EncodeSettings(_Section):
     buffer_kbits: int = Field(8000, ge=100)
     gop: int = Field(240, ge=1)
     threads: int = Field(0, ge=0)
+    # Every encoder single-threaded (libx265 pools=1:frame-threads=1), whatever the machine: the
+    # same frames give the same bytes on every node and on every run.
+    deterministic: bool = False
     # Clips a worker encodes at once, each on its own thread with a single-threaded libx265;
     # 0: the worker's share of the cores (cores / workers), 1: one clip at a time.
     parallel_clips: int = Field(0, ge=0, le=256)

@@ -14,7 +14,7 @@ from av.video.frame import PictureType
 from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
 
 from daemon.config import EncodeSettings
-from daemon.folders import PART_SUFFIX
+from daemon.folders import PART_SUFFIX, part_path
 from daemon.frames import ClipEncoder, PictureFormat, Pictures
 
 
@@ -40,7 +40,7 @@ def x265_params(settings: EncodeSettings, single_threaded: bool = False) -> str:
         "log-level": "error",
         "info": "0",
     }
-    if single_threaded and not settings.threads:
+    if settings.deterministic or (single_threaded and not settings.threads):
         params["pools"] = "1"
         params["frame-threads"] = "1"
     elif settings.threads:
@@ -64,7 +64,7 @@ class X265Encoder:
         single_threaded: bool = False,
     ) -> None:
         self.path = path
-        self.part_path = path.with_name(path.name + PART_SUFFIX)
+        self.part_path = part_path(path)
         self.width = width
         self.height = height
         self.frames_written = 0

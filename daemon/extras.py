@@ -49,6 +49,13 @@ def stage_packages(settings: Settings) -> list[tuple[str, str, str]]:
     return needs
 
 
+def require_for_settings(settings: Settings) -> None:
+    """Raises MissingExtra for the first package the settings need that is not installed."""
+    require_for_stages(settings)
+    if settings.run.backend == "ray":
+        require("ray", 'run.backend = "ray"', "ray")
+
+
 def require_for_stages(settings: Settings) -> None:
     """Raises MissingExtra for the first package the configured stages need that is not installed."""
     for what, module, package in stage_packages(settings):

@@ -62,6 +62,7 @@ ADDED_COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("source_width", "INTEGER"),
         ("source_height", "INTEGER"),
         ("source_fps", "REAL"),
+        ("node", "TEXT"),
     ],
     "clips": [("sha256", "TEXT"), ("width", "INTEGER"), ("height", "INTEGER"), ("fps", "REAL")],
 }
@@ -104,6 +105,7 @@ class RunningUrl:
     video_id: str
     phase: str | None  # queued, download or process
     started_at: float | None  # Unix time
+    node: str | None  # the machine the worker runs on
 
 
 @dataclass(frozen=True)
@@ -203,12 +205,12 @@ class Ledger:
                 (url,),
             )
 
-    def mark_running(self, url: str, worker: int) -> None:
+    def mark_running(self, url: str, worker: int, node: str = "") -> None:
         with self._tx() as db:
             db.execute(
-                "UPDATE urls SET state='running', worker=?, stage='queued', attempts=attempts+1,"
+                "UPDATE urls SET state='running', worker=?, node=?, stage='queued', attempts=attempts+1,"
                 " started_at=?, error=NULL WHERE url = ?",
-                (worker, time.time(), url),
+                (worker, node or None, time.time(), url),
             )
 
     def set_phase(self, url: str, phase: str) -> None:
@@ -326,11 +328,16 @@ class Ledger:
 
     def running(self) -> list[RunningUrl]:
         """URLs a worker holds now, by worker."""
+        # A ledger from before nodes were recorded, opened read-only, has no column to read.
+        node = "node" if "node" in self._columns("urls") else "NULL AS node"
         rows = self._db.execute(
-            "SELECT worker, url, video_id, stage, started_at FROM urls"
+            f"SELECT worker, url, video_id, stage, started_at, {node} FROM urls"
             " WHERE state = 'running' ORDER BY worker"
         )
-        return [RunningUrl(r["worker"], r["url"], r["video_id"], r["stage"], r["started_at"]) for r in rows]
+        return [
+            RunningUrl(r["worker"], r["url"], r["video_id"], r["stage"], r["started_at"], r["node"])
+            for r in rows
+        ]
 
     def urls_ended_since(self, since: float) -> int:
         row = self._db.execute(

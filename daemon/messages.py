@@ -71,6 +71,8 @@ ToWorker = Assign | Stop
 class Ready:
     """Idle and asking for a URL."""
 
+    node: str = ""  # the machine it runs on
+
 
 @dataclass(frozen=True)
 class Heartbeat:

@@ -25,6 +25,7 @@ class WorkerNow:
     video_id: str
     stage: str | None  # the worker's phase (queued, download, process); `stage` in the JSON scripts read
     running_seconds: float
+    node: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def read_status(ledger_path: Path, minutes: float = 10.0, error_count: int = 5) 
             counts = ledger.counts()
             rejected = ledger.rejected_line_count()
             workers = [
-                WorkerNow(r.worker, r.url, r.video_id, r.phase, now - (r.started_at or now))
+                WorkerNow(r.worker, r.url, r.video_id, r.phase, now - (r.started_at or now), r.node)
                 for r in ledger.running()
             ]
             ended = ledger.urls_ended_since(since)
@@ -125,8 +126,9 @@ def format_status(status: Status) -> str:
     )
     if status.workers:
         for worker in status.workers:
+            on = f" on {worker.node}" if worker.node else ""
             lines.append(
-                f"worker {worker.worker}: {worker.stage or '-'} {worker.url} "
+                f"worker {worker.worker}{on}: {worker.stage or '-'} {worker.url} "
                 f"({worker.video_id}, {_ago(time.time() - worker.running_seconds)})"
             )
     else:

@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -21,6 +22,7 @@ from loguru import logger
 from daemon import logs
 from daemon.clips import Clip
 from daemon.config import Settings
+from daemon.diskspace import DiskGate
 from daemon.download import DownloadFailure, download
 from daemon.messages import (
     Assign,
@@ -99,13 +101,21 @@ class _Reporter:
 
 
 class Worker:
-    def __init__(self, index: int, conn: WorkerChannel, settings: Settings, paths: WorkerPaths) -> None:
+    def __init__(
+        self,
+        index: int,
+        conn: WorkerChannel,
+        settings: Settings,
+        paths: WorkerPaths,
+        disk: DiskGate | None = None,
+    ) -> None:
         self.index = index
         self.conn = conn
         self.settings = settings
         self.output_dir = Path(paths.output_dir)
         self.temp_dir = Path(paths.temp_dir)
         self.stop_requested = False
+        self.disk = disk  # free-space floors checked here before each download, when given
         output = settings.output
         self.output_format = OutputFormat(output.width, output.height, float(settings.fps))
         # The backends module pulls in the pipeline, which the supervisor importing this never needs.
@@ -117,7 +127,7 @@ class Worker:
     def serve(self) -> None:
         logger.info(f"worker {self.index} ready (pid {os.getpid()}, device {self.backends.device})")
         while not self.stop_requested:
-            self.conn.send(Ready())
+            self.conn.send(Ready(node=socket.gethostname()))
             match self.conn.recv():
                 case Assign(task=task):
                     with logger.contextualize(video_id=task.video_id):
@@ -180,6 +190,7 @@ class Worker:
         if task.local:
             logger.info(f"processing local file {task.url} in place")
             return Path(task.url)
+        self._wait_for_disk(reporter)
         logger.info(f"downloading {task.url}")
         started = time.monotonic()
         source = download(
@@ -193,6 +204,12 @@ class Worker:
         seconds = time.monotonic() - started
         logger.info(f"downloaded {source.name} ({source.stat().st_size} bytes) in {seconds:.1f}s")
         return source
+
+    def _wait_for_disk(self, reporter: _Reporter) -> None:
+        """Waits while this machine's temp folder is below its floor (the gate logs why, once)."""
+        while self.disk is not None and self.disk.blocked() and not self._should_stop():
+            reporter.waiting(self.disk.recheck_seconds)
+            time.sleep(self.disk.recheck_seconds)
 
     def _probe(self, task: Task, source: Path) -> None:
         """Fails a file that is not a decodable video here, and records what the source is."""

@@ -306,8 +306,12 @@ def test_sigterm_mid_clip_finishes_that_clip_and_the_rest_resumes_at_the_next_st
     after = ws.video("after", [(0, 20)])
     ws.drop("work.txt", [long, after])
     service = ws.start()
-    part = ws.out / "long" / "long_0000000_0000900.hevc.part"
-    wait_for("the first clip being encoded", part.exists, deadline=DEADLINE_SECONDS)
+    parts = ws.out / "long"
+    wait_for(
+        "the first clip being encoded",
+        lambda: any(parts.glob("long_0000000_0000900.hevc.*.part")),
+        deadline=DEADLINE_SECONDS,
+    )
     assert ws.stop(service, signal.SIGTERM) == 0
 
     first, second = sorted(p for p in ws.expected if p.parent.name == "long")

@@ -23,7 +23,7 @@ import torch
 
 from daemon.config import EncodeSettings
 from daemon.encode import EncodeError, publish, tag_bt709
-from daemon.folders import PART_SUFFIX
+from daemon.folders import part_path
 from daemon.frames import PictureFormat, Pictures
 from daemon.gpu.color import crop_nv12, nv12_to_rgb, rgb_to_nv12
 from daemon.source import VideoSource, declared_colour
@@ -266,10 +266,10 @@ class NvencEncoder:
         import PyNvVideoCodec as nvc  # noqa: N813
 
         self.path = path
-        self.part_path = path.with_name(path.name + PART_SUFFIX)
+        self.part_path = part_path(path)
         # NVENC's own bitstream, before its parameter sets are tagged BT.709 into part_path. Both
         # end in .part, so a killed run's leftovers are removed like any other unfinished clip.
-        self.untagged_path = path.with_name(path.name + ".nvenc" + PART_SUFFIX)
+        self.untagged_path = part_path(path, ".nvenc")
         self.device = torch.device("cuda", device_id)
         self.frames_written = 0
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -125,3 +125,42 @@ class GpuSlots:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+class RaySlots:
+    """Slots as Ray resources: the cluster's scheduler, not lock files, says when a worker may use
+    the GPU. Held as a one-bundle placement group on the worker's own node, made for the body of
+    `hold` and removed after it (Ray gives it back by itself if the worker dies)."""
+
+    # Each wait for the placement group is announced to the watchdog with this length.
+    WAIT_STEP_SECONDS = 5.0
+
+    def __init__(self, bundle: dict[str, float]) -> None:
+        self.bundle = bundle
+
+    @contextlib.contextmanager
+    def hold(self, what: str = "GPU work", on_wait: Callable[[float], None] | None = None) -> Iterator[int]:
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        # Pinned to this node: a slot of another machine's GPU would not limit this one's.
+        node = f"node:{ray.util.get_node_ip_address()}"
+        group = placement_group([{**self.bundle, node: 0.001}], strategy="STRICT_PACK")
+        started = time.monotonic()
+        try:
+            ready = group.ready()
+            next_line = 0.0  # a line when the wait starts, then one a minute
+            while not ray.wait([ready], timeout=0)[0]:
+                waited = time.monotonic() - started
+                if waited >= next_line:
+                    logger.info(f"waiting for a slot ({self.bundle}) for {what}: {waited:.0f}s so far")
+                    next_line = waited + 60
+                if on_wait is not None:
+                    on_wait(self.WAIT_STEP_SECONDS)
+                ray.wait([ready], timeout=self.WAIT_STEP_SECONDS)
+            waited = time.monotonic() - started
+            if waited >= 1:
+                logger.info(f"got a slot ({self.bundle}) for {what} after waiting {waited:.1f}s")
+            yield 0
+        finally:
+            remove_placement_group(group)
