@@ -248,6 +248,10 @@ def check_gpu(settings: Settings) -> str:
     the run here, before any download (exit 2)."""
     from daemon.gpu.probe import GpuUnavailable, select_backends
 
+    if settings.run.backend == "ray":
+        # The workers run on the cluster's nodes, not here: each probes its own GPU.
+        return f'chosen on its Ray node (encode.codec = "{settings.encode.codec}")'
+
     try:
         # Without an NVIDIA driver this answers at once; with one, a child process probes the GPU.
         choice, device_name = select_backends(settings)

@@ -221,6 +221,11 @@ class Lanes:
         self._queued: deque[tuple[Future[int], int]] = deque()  # oldest first, with size in bytes
         self._queued_bytes = 0
 
+    @property
+    def side_by_side(self) -> bool:
+        """Whether clips may be written on several threads at once."""
+        return self._budget is not None
+
     def take(self) -> ThreadPoolExecutor | None:
         """A thread for a new clip while the budget lasts; past it the clip is written inline."""
         if self._budget is None or not self._budget.acquire(blocking=False):
@@ -283,7 +288,7 @@ class OpenClips:
         # encoder itself (which stamps it), so clips on different threads each get their own.
         picture = plan.picture(frame)
         for index, (writer, count) in enumerate(writers):
-            if index and isinstance(picture, av.VideoFrame) and writer.lane is not None:
+            if index and isinstance(picture, av.VideoFrame) and self.lanes.side_by_side:
                 picture = plan.picture(frame)
             for _ in range(count):
                 writer.pending.append(picture)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import socket
 import sys
 import threading
@@ -26,11 +27,16 @@ from daemon import logs
 from daemon.config import Settings
 from daemon.diskspace import DiskGate, Floor
 from daemon.extras import require
+from daemon.gpu.slots import slot_group_name
 from daemon.messages import Assign, FromWorker, Ready, Stop, Task, ToWorker, WorkerPaths
 from daemon.worker import Worker
 
 # How often the driver looks at its wake-up fds while it waits on the actors.
 _POLL_SECONDS = 0.05
+# An idle actor is asked to answer this often, so that its death is seen before a URL is given to it.
+_WATCH_SECONDS = 10.0
+# A worker not yet placed on a node after this long is reported (once): no node may have room for it.
+_UNPLACED_SECONDS = 60.0
 
 
 def import_ray() -> Any:
@@ -73,8 +79,11 @@ class WorkerActor:
         logs.configure_from_settings(
             f"worker-{index}", logs.worker_log_path(Path(paths.log_dir), index), settings.run
         )
+        # What a dead predecessor with this index left on this node goes first.
+        shutil.rmtree(paths.temp_dir, ignore_errors=True)
         Path(paths.temp_dir).mkdir(parents=True, exist_ok=True)
         self.mailbox = _Mailbox()
+        self._closing = threading.Event()
         # The download lands on this node's disk: its floor is checked here, not on the driver.
         temp_floor = Floor("temp", Path(paths.temp_dir), settings.service.min_free_temp_mb)
         disk = DiskGate([temp_floor], settings.service.disk_check_seconds)
@@ -109,6 +118,11 @@ class WorkerActor:
         """Finish the clips in progress, then end the URL early (it stays pending)."""
         self.mailbox.stop_requested.set()
 
+    def watch(self, seconds: float) -> None:
+        """Answers after `seconds`: while idle, the driver keeps one of these calls open, and a
+        failed one tells it the actor (or its node) is gone."""
+        self._closing.wait(seconds)
+
 
 class RayLink:
     """The driver's side of one worker actor."""
@@ -118,7 +132,9 @@ class RayLink:
         self._actor = actor
         self._ray = ray
         self._ready: Any = actor.where.remote()  # answered once the actor is constructed
+        self._created = time.monotonic()
         self._stream: Any = None  # the URL in flight: a stream of message batches
+        self._watch: Any = None  # while idle: a call that fails if the actor dies
         self._inbox: list[FromWorker] = []
         self._where = "a Ray actor, starting"
         self._stop_sent = False
@@ -129,7 +145,7 @@ class RayLink:
         return self._where
 
     def pending(self) -> list[Any]:
-        return [ref for ref in (self._ready, self._stream) if ref is not None]
+        return [ref for ref in (self._ready, self._stream, self._watch) if ref is not None]
 
     def send(self, message: ToWorker) -> None:
         if self._death is not None:
@@ -155,10 +171,26 @@ class RayLink:
         if self._ready is not None and ray.wait([self._ready], timeout=0)[0]:
             try:
                 self._where = ray.get(self._ready)
-                self._inbox.append(Ready(node=self._where.rsplit(" on ", 1)[-1]))
+                self._ready_now()
             except ray.exceptions.RayError as exc:
                 self._end(f"cannot start: {_reason(exc)}")
             self._ready = None
+        elif (
+            self._ready is not None and self._created and time.monotonic() - self._created > _UNPLACED_SECONDS
+        ):
+            logger.warning(
+                f"worker {self.index} is not placed on any Ray node after {_UNPLACED_SECONDS:g}s: "
+                "no node may have the CPUs it asks for (run.ray_worker_cpus); it waits"
+            )
+            self._created = 0.0  # said once
+        if self._watch is not None and ray.wait([self._watch], timeout=0)[0]:
+            try:
+                ray.get(self._watch)
+                self._watch = None
+                self._ready_now(again=True)
+            except ray.exceptions.RayError as exc:
+                self._watch = None
+                self._end(f"actor died: {_reason(exc)}")
         while self._stream is not None and ray.wait([self._stream], timeout=0)[0]:
             try:
                 self._inbox.extend(ray.get(next(self._stream)))
@@ -167,15 +199,33 @@ class RayLink:
                 if self._stop_sent:
                     self._end("stopped")
                 else:
-                    self._inbox.append(Ready(node=self._where.rsplit(" on ", 1)[-1]))
+                    self._ready_now()
             except ray.exceptions.RayError as exc:
                 self._stream = None
                 self._end(f"actor died: {_reason(exc)}")
 
+    def _ready_now(self, again: bool = False) -> None:
+        """Idle: asks for a URL (unless only the watch came back) and keeps a watch open."""
+        if self._death is not None or self._stream is not None:
+            return
+        if not again:
+            self._inbox.append(Ready(node=self._where.rsplit(" on ", 1)[-1]))
+        self._watch = self._actor.watch.remote(_WATCH_SECONDS)
+
     def _end(self, how: str) -> None:
-        if self._death is None:
-            self._death = how
-            self._ray.kill(self._actor, no_restart=True)
+        if self._death is not None:
+            return
+        self._death = how
+        self._ray.kill(self._actor, no_restart=True)
+        # A slot the actor held is not given back by Ray while this driver lives: given back here.
+        from ray.util.placement_group import get_placement_group, remove_placement_group
+
+        name = slot_group_name(self._actor._actor_id.hex())
+        for _ in range(3):  # at most one at a time; a few tries for one being made as it died
+            try:
+                remove_placement_group(get_placement_group(name))
+            except ValueError:
+                break  # none by that name
 
     def alive(self) -> bool:
         return self._death is None
@@ -184,6 +234,7 @@ class RayLink:
         return self._death or "alive"
 
     def stop_now(self) -> None:
+        self._pump()  # what it already said is kept
         self._end("stopped at once")
 
     def kill(self) -> None:
@@ -243,15 +294,19 @@ class RayLauncher:
 
     def start(self, index: int, settings: Settings, paths: WorkerPaths) -> RayLink:
         cpus = settings.run.ray_worker_cpus
-        if not settings.encode.parallel_clips:
+        encode = settings.encode
+        if not encode.parallel_clips:
             # Its clips at once: the CPUs it asked for, not the cores of whichever node it lands on.
-            encode = settings.encode.model_copy(update={"parallel_clips": cpus})
-            settings = settings.model_copy(update={"encode": encode})
+            encode = encode.model_copy(update={"parallel_clips": cpus})
+        if encode.parallel_clips == 1 and not encode.threads:
+            # One clip at a time, and libx265 on as many threads as the CPUs it asked for.
+            encode = encode.model_copy(update={"threads": cpus})
+        settings = settings.model_copy(update={"encode": encode})
         actor = self._actor_class.options(
             num_cpus=cpus,
             max_restarts=0,
             max_task_retries=0,
-            max_concurrency=2,  # `stop` must reach it while `handle` runs
+            max_concurrency=3,  # `stop` and `watch` must reach it while `handle` runs
             name=f"download_and_process-worker-{index}-{os.getpid()}-{time.monotonic_ns()}",
         ).remote(index, settings, paths)
         logger.info(f"started worker {index} (Ray actor)")

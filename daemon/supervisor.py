@@ -284,6 +284,8 @@ class Supervisor:
 
     def _assign(self, handle: _WorkerHandle) -> None:
         assert self.ledger is not None
+        if not handle.link.alive():
+            return  # its death is handled by `step`, with no URL charged to it
         if self.draining:
             self._send_stop(handle)
             return

@@ -218,6 +218,29 @@ def test_a_custom_ray_resource_lets_one_worker_at_a_time_process(
     assert len(digests(workspace["out"])) == 6
 
 
+def test_a_slot_held_by_an_actor_that_dies_is_given_back_to_the_next_one(
+    server: MediaServer, workspace: dict[str, Path], ray_head: str
+) -> None:
+    """Ray keeps a dead actor's placement group while the driver lives: without giving it back, the
+    replacement would wait for the only slot forever."""
+    slow_workload(server, workspace)
+    workspace["config"].write_text(
+        workspace["config"].read_text().replace("[run]", '[run]\nray_slot_resource = "gpu_slot"')
+    )
+    running = start(workspace, "--workers", "1", "--backend", "ray", "--ray-address", ray_head)
+    wait_for("a clip being encoded", lambda: list(workspace["out"].glob("long/*.part")), deadline=120)
+    os.kill(wait_for("the actor's pid", lambda: actor_pid(workspace)), signal.SIGKILL)
+    try:
+        _, stderr = running.communicate(timeout=120)
+    finally:
+        if running.poll() is None:  # a slot never given back: the replacement waits for ever
+            os.killpg(running.pid, signal.SIGKILL)
+
+    assert running.returncode == 0, stderr
+    assert "worker 0 died (actor died:" in stderr
+    assert_all_clips_complete(workspace)
+
+
 def test_a_run_stopped_on_ray_resumes_on_the_local_backend_and_the_other_way(
     server: MediaServer, workspace: dict[str, Path]
 ) -> None:

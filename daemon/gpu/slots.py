@@ -127,10 +127,16 @@ class GpuSlots:
             os.close(fd)
 
 
+def slot_group_name(actor_id: str) -> str:
+    """The name of the placement group an actor holds as its slot."""
+    return f"download_and_process-slot-{actor_id}"
+
+
 class RaySlots:
     """Slots as Ray resources: the cluster's scheduler, not lock files, says when a worker may use
     the GPU. Held as a one-bundle placement group on the worker's own node, made for the body of
-    `hold` and removed after it (Ray gives it back by itself if the worker dies)."""
+    `hold` and removed after it. Ray keeps the group of an actor that dies holding it for as long as
+    the driver lives, so it is named for the actor (`slot_group_name`) and the driver removes it."""
 
     # Each wait for the placement group is announced to the watchdog with this length.
     WAIT_STEP_SECONDS = 5.0
@@ -143,9 +149,11 @@ class RaySlots:
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
 
-        # Pinned to this node: a slot of another machine's GPU would not limit this one's.
+        # Pinned to this node: a slot of another machine's GPU would not limit this one's. Named for
+        # the actor, so that the driver can give it back if the actor dies holding it.
         node = f"node:{ray.util.get_node_ip_address()}"
-        group = placement_group([{**self.bundle, node: 0.001}], strategy="STRICT_PACK")
+        name = slot_group_name(ray.get_runtime_context().get_actor_id() or "driver")
+        group = placement_group([{**self.bundle, node: 0.001}], strategy="STRICT_PACK", name=name)
         started = time.monotonic()
         try:
             ready = group.ready()
@@ -153,7 +161,10 @@ class RaySlots:
             while not ray.wait([ready], timeout=0)[0]:
                 waited = time.monotonic() - started
                 if waited >= next_line:
-                    logger.info(f"waiting for a slot ({self.bundle}) for {what}: {waited:.0f}s so far")
+                    logger.info(
+                        f"waiting for a slot ({self.bundle}) for {what}: {waited:.0f}s so far "
+                        "(a resource no node offers is waited for forever)"
+                    )
                     next_line = waited + 60
                 if on_wait is not None:
                     on_wait(self.WAIT_STEP_SECONDS)
