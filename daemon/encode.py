@@ -10,8 +10,10 @@ from pathlib import Path
 import av
 import numpy as np
 from av.bitstream import BitStreamFilterContext
+from av.container import OutputContainer
 from av.video.frame import PictureType
 from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
+from av.video.stream import VideoStream
 
 from daemon.config import EncodeSettings
 from daemon.folders import PART_SUFFIX, part_path
@@ -69,7 +71,7 @@ class X265Encoder:
         self.height = height
         self.frames_written = 0
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._container = av.open(str(self.part_path), mode="w", format="hevc")
+        self._container: OutputContainer | None = av.open(str(self.part_path), mode="w", format="hevc")
         stream = self._container.add_stream("libx265", rate=fps)
         stream.width = width
         stream.height = height
@@ -81,7 +83,7 @@ class X265Encoder:
         context.color_primaries = 1
         context.color_trc = 1
         stream.options = {"preset": settings.preset, "x265-params": x265_params(settings, single_threaded)}
-        self._stream = stream
+        self._stream: VideoStream | None = stream
         self._reformatter = VideoReformatter()
         self._time_base = Fraction(1) / fps
 
@@ -110,12 +112,26 @@ class X265Encoder:
         frame.pict_type = PictureType.NONE
         frame.pts = self.frames_written
         frame.time_base = self._time_base
-        self._container.mux(self._stream.encode(frame))
+        container, stream = self._live()
+        container.mux(stream.encode(frame))
         self.frames_written += 1
 
+    def _live(self) -> tuple[OutputContainer, VideoStream]:
+        if self._container is None or self._stream is None:
+            raise EncodeError(f"{self.path.name}: the encoder is closed")
+        return self._container, self._stream
+
+    def _close(self) -> None:
+        """Close the file and let go of libx265 at once: its pictures (about 40 MB at 640x360) are
+        freed here, on the thread that finishes the clip, not whenever this object is dropped."""
+        container, self._container, self._stream = self._container, None, None
+        if container is not None:
+            container.close()
+
     def finish(self, expected_frames: int) -> int:
-        self._container.mux(self._stream.encode(None))
-        self._container.close()
+        container, stream = self._live()
+        container.mux(stream.encode(None))
+        self._close()
         if self.frames_written != expected_frames:
             self.abort()
             raise EncodeError(
@@ -126,7 +142,7 @@ class X265Encoder:
     def abort(self) -> None:
         # Closing a broken encoder must not hide the error that broke it.
         with contextlib.suppress(Exception):
-            self._container.close()
+            self._close()
         self.part_path.unlink(missing_ok=True)
 
 

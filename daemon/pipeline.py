@@ -8,7 +8,6 @@ writers (one per clip: its stages state and its encoders, on a thread of its own
 from __future__ import annotations
 
 import os
-import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -209,16 +208,24 @@ class ClipWriter:
 
 class Lanes:
     """Threads for clips written side by side, each with a single-threaded encoder (PyAV lets go of
-    the GIL while libx265 works), within a budget of threads; and the pictures queued for them.
+    the GIL while libx265 works), `count` of them at most; and the pictures queued for them.
+
+    A clip keeps the lane it starts on, and its batches and its finish run there in order. A new
+    clip takes an idle lane, else a new one while there are fewer than `count`, else the lane with
+    the least left to do, queued behind what that lane is finishing: no clip is encoded on the
+    decoding thread, so the decoder never stops to encode, and no more encoders hold pictures than
+    there are lanes (plus clips that overlap in time).
 
     The decoding thread runs ahead, into the next clip so that a second lane gets work, until
     `buffer_bytes` of pictures are queued: memory is bounded by that, whatever the video's length."""
 
     def __init__(self, count: int, buffer_bytes: int, on_written: Callable[[int], None]) -> None:
-        self._budget = threading.BoundedSemaphore(count) if count > 1 else None
+        self._count = count if count > 1 else 0
+        self._lanes: dict[ThreadPoolExecutor, int] = {}  # each lane, with its clips still receiving frames
         self._buffer_bytes = buffer_bytes
         self._on_written = on_written
-        self._queued: deque[tuple[Future[int], int]] = deque()  # oldest first, with size in bytes
+        # Oldest first: each batch with its size in bytes and its lane.
+        self._queued: deque[tuple[Future[int], int, ThreadPoolExecutor]] = deque()
         self._queued_bytes = 0
 
     @property
@@ -227,24 +234,37 @@ class Lanes:
         return self._budget is not None
 
     def take(self) -> ThreadPoolExecutor | None:
-        """A thread for a new clip while the budget lasts; past it the clip is written inline."""
-        if self._budget is None or not self._budget.acquire(blocking=False):
+        """The lane for a new clip; None (written on the decoding thread) when there are no lanes."""
+        if not self._count:
             return None
-        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip-lane")
+        left: dict[ThreadPoolExecutor, int] = dict.fromkeys(self._lanes, 0)  # bytes queued, not written
+        for future, size, lane in self._queued:
+            if not future.done():
+                left[lane] += size
+        least = min(self._lanes, key=lambda lane: (self._lanes[lane], left[lane]), default=None)
+        if least is None or ((self._lanes[least] or left[least]) and len(self._lanes) < self._count):
+            least = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip-lane")
+            self._lanes[least] = 0
+        self._lanes[least] += 1
+        return least
 
-    def release(self, writer: ClipWriter) -> None:
-        """Stop the writer's lane (what is queued on it is dropped) and give its thread back."""
-        if writer.lane is not None and self._budget is not None:
-            writer.lane.shutdown(wait=True, cancel_futures=True)
-            writer.lane = None
-            self._budget.release()
+    def received_all(self, writer: ClipWriter) -> None:
+        """The writer's clip has all its frames: its lane may take a new clip after it."""
+        if writer.lane is not None and self._lanes.get(writer.lane, 0) > 0:
+            self._lanes[writer.lane] -= 1
+
+    def stop(self) -> None:
+        """Stop every lane (what is queued on them is dropped) and wait for their threads."""
+        for lane in self._lanes:
+            lane.shutdown(wait=True, cancel_futures=True)
+        self._lanes.clear()
 
     def write(self, writer: ClipWriter, pictures: list[Picture]) -> None:
         if writer.lane is None:
             self._on_written(writer.write(pictures))
             return
         size = sum(picture_bytes(picture) for picture in pictures)
-        self._queued.append((writer.lane.submit(writer.write, pictures), size))
+        self._queued.append((writer.lane.submit(writer.write, pictures), size, writer.lane))
         self._queued_bytes += size
         self.drain(self._buffer_bytes)  # backpressure: the decoder waits while the buffer is full
 
@@ -252,7 +272,7 @@ class Lanes:
         """Count the batches the lanes wrote; with `down_to_bytes`, wait for the oldest until no
         more than that is queued. A lane's failure is raised here."""
         while self._queued:
-            future, size = self._queued[0]
+            future, size, _ = self._queued[0]
             if not future.done() and (down_to_bytes is None or self._queued_bytes <= down_to_bytes):
                 return
             self._queued.popleft()
@@ -316,6 +336,7 @@ class OpenClips:
         if writer.pending:
             self.lanes.write(writer, writer.take_pending())
         del self.writers[writer.timeline.clip]
+        self.lanes.received_all(writer)
         if writer.lane is None:
             self.report(writer.finish(self.video_id))
         else:
@@ -331,20 +352,16 @@ class OpenClips:
             if finishing is not None and (wait or finishing.done()):
                 # Out of the list before anything can raise: a clip is reported once at most.
                 self.finishing.remove(writer)
-                try:
-                    result = finishing.result()  # waits for the lane's last task
-                finally:
-                    self.lanes.release(writer)
-                self.report(result)
+                self.report(finishing.result())  # waits for the lane's task
 
     def abort(self) -> None:
         """Something failed: every unfinished clip's files go; clips a lane finished are kept."""
+        self.lanes.stop()  # nothing runs on a lane from here on
         self.lanes.forget_queued()
         for writer in self.writers.values():
-            self._abort(writer)
+            writer.abort()
         self.writers.clear()
         for writer in self.finishing:
-            self.lanes.release(writer)
             finished = writer.finishing
             if finished is not None and not finished.cancelled() and finished.exception() is None:
                 self.report(finished.result())
@@ -352,17 +369,13 @@ class OpenClips:
                 writer.abort()
         self.finishing.clear()
 
-    def _abort(self, writer: ClipWriter) -> None:
-        self.lanes.release(writer)
-        writer.abort()
-
     def end(self, schedule: FrameSchedule, walk: FrameWalk) -> None:
         """After the last frame: a clip left unfinished ran past the end of the source, unless a
         stop request came before it started (it stays pending)."""
         for timeline in schedule.unfinished():
             writer = self.writers.pop(timeline.clip, None)
-            if writer is not None:
-                self._abort(writer)
+            if writer is not None:  # its lane is idle: every batch was waited for
+                writer.abort()
             if walk.interrupted and not timeline.started:
                 continue
             clip = timeline.clip
@@ -437,6 +450,7 @@ class ClipCutter:
         except BaseException:
             open_clips.abort()
             raise
+        open_clips.lanes.stop()
         open_clips.end(schedule, walk)
         return VideoOutcome(results=open_clips.results, interrupted=walk.interrupted)
 

@@ -6,6 +6,8 @@ touch the ledger.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import os
 import shutil
@@ -236,6 +238,24 @@ class Worker:
                     entry.unlink(missing_ok=True)
 
 
+# glibc's mallopt parameter: allocations at least this large get their own mapping.
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_BYTES = 128 * 1024
+
+
+def _unmap_large_blocks() -> None:
+    """Allocations of 128 KiB and more (pictures waiting for a clip thread, libx265's frame
+    buffers) get their own mapping, returned to the system when freed. By default glibc raises this
+    threshold as such blocks are freed and then carves them out of its heaps, where pictures freed
+    on one thread and encoders freed on another leave holes the resident size keeps (about 10 MB
+    of a worker's peak with two clip threads). Elsewhere than on glibc this does nothing."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 def _terminate(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
@@ -245,6 +265,7 @@ def worker_main(index: int, conn: WorkerChannel, settings: Settings, paths: Work
     # Ctrl-C reaches the whole process group; the supervisor decides how workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminate)
+    _unmap_large_blocks()
     temp = Path(paths.temp_dir)
     try:
         logs.configure_from_settings(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from daemon.clips import Clip
-from daemon.encode import x265_params
+from daemon.encode import X265Encoder, x265_params
 from daemon.pipeline import ClipCutter, lane_count
 from daemon.stages import build_stages
 
@@ -39,7 +39,9 @@ def test_lanes_write_the_same_frames_and_bytes_whatever_their_number(tmp_path: P
 def test_a_stop_mid_video_keeps_finished_clips_and_leaves_no_partial_file(
     tmp_path: Path, source: Path
 ) -> None:
-    config = settings(**{"encode.parallel_clips": 3})
+    # A buffer smaller than one batch: the decoder cannot run ahead and start every clip (queued on
+    # the lanes) before the first one is reported.
+    config = settings(**{"encode.parallel_clips": 3, "decode.buffer_mb": 0.05})
     sink = CollectedClips()
     stop = threading.Event()
 
@@ -59,6 +61,41 @@ def test_a_stop_mid_video_keeps_finished_clips_and_leaves_no_partial_file(
     assert on_disk == sorted(Path(r.path or "").name for r in finished)  # no .part, nothing unreported
     for result in finished:
         assert decoded_indices(Path(result.path or "")) == list(range(result.start_frame, result.end_frame))
+
+
+def test_with_lanes_no_clip_is_encoded_on_the_decoding_thread_and_encoders_go_when_finished(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More clips than lanes, one after another: a new clip waits on a lane behind the one it is
+    finishing instead of being encoded by the decoder; no more encoders than lanes hold pictures."""
+    threads: set[str] = set()
+    holding: list[X265Encoder] = []
+    most = 0
+    encode, finish = X265Encoder._encode, X265Encoder.finish
+
+    def watched_encode(self: X265Encoder, frame: object) -> None:
+        nonlocal most
+        threads.add(threading.current_thread().name)
+        if self not in holding:
+            holding.append(self)
+        most = max(most, len(holding))
+        encode(self, frame)  # type: ignore[arg-type]
+
+    def watched_finish(self: X265Encoder, expected_frames: int) -> int:
+        size = finish(self, expected_frames)
+        assert self._container is None and self._stream is None  # libx265 let go of at once
+        holding.remove(self)
+        return size
+
+    monkeypatch.setattr(X265Encoder, "_encode", watched_encode)
+    monkeypatch.setattr(X265Encoder, "finish", watched_finish)
+    clips = [Clip(start, start + 30) for start in range(0, 240, 40)]
+    results = cut(source, clips, tmp_path / "out", settings(**{"encode.parallel_clips": 2}))
+    for clip in clips:
+        path = Path(results[clip].path or "")
+        assert decoded_indices(path) == list(range(clip.start_frame, clip.end_frame))
+    assert threads and all(name.startswith("clip-lane") for name in threads)
+    assert most <= 2
 
 
 def test_the_lane_budget_is_the_workers_share_of_the_cores() -> None:
