@@ -231,7 +231,7 @@ class Lanes:
     @property
     def side_by_side(self) -> bool:
         """Whether clips may be written on several threads at once."""
-        return self._budget is not None
+        return bool(self._count)
 
     def take(self) -> ThreadPoolExecutor | None:
         """The lane for a new clip; None (written on the decoding thread) when there are no lanes."""
