@@ -138,18 +138,6 @@ class Backends:
             self._cpu_cutter = ClipCutter(self.settings, build_stages(self.settings, "cpu"), "cpu")
         return self._cpu_cutter
 
-    def _cut_on_cpu(
-        self,
-        source: Path,
-        video_id: str,
-        clips: list[Clip],
-        output_dir: Path,
-        sink: ProgressSink,
-        should_stop: Callable[[], bool],
-    ) -> VideoOutcome:
-        with self.slot(f"{video_id} ({len(clips)} clip(s))", sink.waiting):
-            return self.cutter.run(source, video_id, clips, output_dir, sink, should_stop)
-
     def cut(
         self,
         source: Path,
@@ -162,8 +150,9 @@ class Backends:
         """Every clip of `source`, inside a GPU slot; out of device memory, halve the batch and redo
         the unfinished clips; when that fails at batch size 1, or NVDEC fails, the CPU finishes them."""
         cutter = self.cutter
-        if not self.choice.uses_gpu:
-            return self._cut_on_cpu(source, video_id, clips, output_dir, sink, should_stop)
+        if not self.choice.uses_gpu:  # a slot only where run.ray_slot_resource asks for one
+            with self.slot(f"{video_id} ({len(clips)} clip(s))", sink.waiting):
+                return cutter.run(source, video_id, clips, output_dir, sink, should_stop)
         # The GPU path only: the CPU path of a core install has no torch to import.
         import torch
 
