@@ -245,6 +245,9 @@ def test_a_run_stopped_on_ray_resumes_on_the_local_backend_and_the_other_way(
     server: MediaServer, workspace: dict[str, Path]
 ) -> None:
     slow_workload(server, workspace)
+    # Queued pictures are encoded before a stop takes effect: a small queue keeps the stop mid-video
+    # however fast the machine.
+    workspace["config"].write_text(workspace["config"].read_text() + "[decode]\nbuffer_mb = 0.05\n")
     for first, then in (("ray", "local"), ("local", "ray")):
         shutil.rmtree(workspace["out"], ignore_errors=True)
         running = start(workspace, "--workers", "1", "--backend", first)
