@@ -24,10 +24,6 @@ from daemon.worker import worker_main
 class WorkerLink(Protocol):
     index: int
 
-    @property
-    def where(self) -> str:
-        """The worker in words for logs: its pid, and its node when it has one."""
-
     def send(self, message: ToWorker) -> None: ...
 
     def receive(self) -> list[FromWorker]:
@@ -67,10 +63,6 @@ class ProcessLink:
         self.index = index
         self.process = process
         self.conn = conn
-
-    @property
-    def where(self) -> str:
-        return f"pid {self.process.pid}"
 
     def send(self, message: ToWorker) -> None:
         with contextlib.suppress(BrokenPipeError, OSError):

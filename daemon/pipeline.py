@@ -179,12 +179,12 @@ class ClipWriter:
         expected = self.timeline.frame_count
         if self.failed:
             self.abort()
-            return self._failed(f"{video_id}: a batch of this clip failed to encode")
+            return failed_clip(clip, f"{video_id}: a batch of this clip failed to encode")
         try:
             size = self.encoder.finish(expected)
         except (EncodeError, OSError, av.error.FFmpegError) as exc:
             self.abort()
-            return self._failed(f"{video_id}: {exc}")
+            return failed_clip(clip, f"{video_id}: {exc}")
         if self.alpha is not None:
             try:
                 self.alpha.finish(expected)
@@ -192,13 +192,8 @@ class ClipWriter:
                 self.alpha.abort()
                 self.alpha.path.unlink(missing_ok=True)
                 self.path.unlink(missing_ok=True)
-                return self._failed(f"{video_id}: {exc}")
+                return failed_clip(clip, f"{video_id}: {exc}")
         return ClipResult(clip.start_frame, clip.end_frame, str(self.path), expected, size)
-
-    def _failed(self, error: str) -> ClipResult:
-        return ClipResult(
-            self.timeline.clip.start_frame, self.timeline.clip.end_frame, None, 0, 0, error=error
-        )
 
     def abort(self) -> None:
         """Remove the unfinished files (the lane is stopped first, by whoever owns it)."""
@@ -380,17 +375,11 @@ class OpenClips:
                 continue
             clip = timeline.clip
             self.report(
-                ClipResult(
-                    clip.start_frame,
-                    clip.end_frame,
-                    None,
-                    0,
-                    0,
-                    error=(
-                        f"{self.video_id} clip {clip.start_frame} {clip.end_frame}: runs past the end of the "
-                        f"source (video ends at {float(walk.end_seconds):.3f}s, clip needs "
-                        f"{float(timeline.end_seconds):.3f}s)"
-                    ),
+                failed_clip(
+                    clip,
+                    f"{self.video_id} clip {clip.start_frame} {clip.end_frame}: runs past the end of the "
+                    f"source (video ends at {float(walk.end_seconds):.3f}s, clip needs "
+                    f"{float(timeline.end_seconds):.3f}s)",
                 )
             )
 
@@ -453,6 +442,11 @@ class ClipCutter:
         open_clips.lanes.stop()
         open_clips.end(schedule, walk)
         return VideoOutcome(results=open_clips.results, interrupted=walk.interrupted)
+
+
+def failed_clip(clip: Clip, error: str) -> ClipResult:
+    """A clip not made, and why: nothing written, no file."""
+    return ClipResult(clip.start_frame, clip.end_frame, None, 0, 0, error=error)
 
 
 def picture_bytes(picture: Picture) -> int:

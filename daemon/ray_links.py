@@ -83,7 +83,6 @@ class WorkerActor:
         shutil.rmtree(paths.temp_dir, ignore_errors=True)
         Path(paths.temp_dir).mkdir(parents=True, exist_ok=True)
         self.mailbox = _Mailbox()
-        self._closing = threading.Event()
         # The download lands on this node's disk: its floor is checked here, not on the driver.
         temp_floor = Floor("temp", Path(paths.temp_dir), settings.service.min_free_temp_mb)
         disk = DiskGate([temp_floor], settings.service.disk_check_seconds)
@@ -91,8 +90,9 @@ class WorkerActor:
         self.node = socket.gethostname()
         logger.info(f"worker {index} ready as a Ray actor (pid {os.getpid()} on {self.node})")
 
-    def where(self) -> str:
-        return f"pid {os.getpid()} on {self.node}"
+    def node_name(self) -> str:
+        """The machine it runs on; answered once the actor is constructed."""
+        return self.node
 
     def handle(self, task: Task) -> Iterator[list[FromWorker]]:
         """Runs the URL on a thread of its own and streams what the worker says, in order."""
@@ -121,7 +121,7 @@ class WorkerActor:
     def watch(self, seconds: float) -> None:
         """Answers after `seconds`: while idle, the driver keeps one of these calls open, and a
         failed one tells it the actor (or its node) is gone."""
-        self._closing.wait(seconds)
+        time.sleep(seconds)
 
 
 class RayLink:
@@ -131,18 +131,14 @@ class RayLink:
         self.index = index
         self._actor = actor
         self._ray = ray
-        self._ready: Any = actor.where.remote()  # answered once the actor is constructed
-        self._created = time.monotonic()
+        self._ready: Any = actor.node_name.remote()  # answered once the actor is constructed
+        self._unplaced_since: float | None = time.monotonic()  # None once placed, or once reported
         self._stream: Any = None  # the URL in flight: a stream of message batches
         self._watch: Any = None  # while idle: a call that fails if the actor dies
         self._inbox: list[FromWorker] = []
-        self._where = "a Ray actor, starting"
+        self._node = ""
         self._stop_sent = False
         self._death: str | None = None
-
-    @property
-    def where(self) -> str:
-        return self._where
 
     def pending(self) -> list[Any]:
         return [ref for ref in (self._ready, self._stream, self._watch) if ref is not None]
@@ -170,19 +166,17 @@ class RayLink:
         ray = self._ray
         if self._ready is not None and ray.wait([self._ready], timeout=0)[0]:
             try:
-                self._where = ray.get(self._ready)
+                self._node = ray.get(self._ready)
                 self._ready_now()
             except ray.exceptions.RayError as exc:
                 self._end(f"cannot start: {_reason(exc)}")
-            self._ready = None
-        elif (
-            self._ready is not None and self._created and time.monotonic() - self._created > _UNPLACED_SECONDS
-        ):
+            self._ready = self._unplaced_since = None
+        elif self._unplaced_since is not None and time.monotonic() - self._unplaced_since > _UNPLACED_SECONDS:
             logger.warning(
                 f"worker {self.index} is not placed on any Ray node after {_UNPLACED_SECONDS:g}s: "
                 "no node may have the CPUs it asks for (run.ray_worker_cpus); it waits"
             )
-            self._created = 0.0  # said once
+            self._unplaced_since = None  # said once
         if self._watch is not None and ray.wait([self._watch], timeout=0)[0]:
             try:
                 ray.get(self._watch)
@@ -209,7 +203,7 @@ class RayLink:
         if self._death is not None or self._stream is not None:
             return
         if not again:
-            self._inbox.append(Ready(node=self._where.rsplit(" on ", 1)[-1]))
+            self._inbox.append(Ready(node=self._node))
         self._watch = self._actor.watch.remote(_WATCH_SECONDS)
 
     def _end(self, how: str) -> None:
