@@ -22,7 +22,7 @@ from daemon.frames import ClipEncoder, FrameSource, PictureFormat
 from daemon.gpu.probe import BackendChoice, select_backends
 from daemon.gpu.slots import GpuSlots, RaySlots, slot_dir
 from daemon.messages import ClipResult
-from daemon.pipeline import ClipCutter, ProgressSink, VideoOutcome
+from daemon.pipeline import ClipCutter, ProgressSink, VideoOutcome, decoder_threads
 from daemon.source import VideoSource
 from daemon.stages import build_stages
 
@@ -117,7 +117,7 @@ class Backends:
             except Exception as exc:  # noqa: BLE001 - the CPU decoder takes over, the URL goes on
                 reason = f"NVDEC unavailable: {exc}"
         logger.info(f"{path.name}: decoded on the CPU and uploaded to the GPU: {reason}")
-        return VideoSource(path, threads=self.settings.decode.threads)
+        return VideoSource(path, threads=decoder_threads(self.settings))
 
     @contextlib.contextmanager
     def slot(self, what: str, on_wait: Callable[[float], None] | None = None) -> Iterator[None]:

@@ -136,6 +136,7 @@ class DecodeSettings(_Section):
     # this far ahead of the last decoded frame (the decoding a seek must save to be worth it).
     seek_threshold_seconds: float = Field(0.5, ge=0)
     batch_size: int = Field(8, ge=1, le=256)
+    # Threads of the CPU decoder; 0: the worker's share of the cores (cores / workers).
     threads: int = Field(0, ge=0)
     # Decoded frames a worker may hold for clips written on their own threads (encode.parallel_clips):
     # enough to decode one clip ahead while the last one is still being encoded.

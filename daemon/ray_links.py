@@ -295,7 +295,10 @@ class RayLauncher:
         if encode.parallel_clips == 1 and not encode.threads:
             # One clip at a time, and libx265 on as many threads as the CPUs it asked for.
             encode = encode.model_copy(update={"threads": cpus})
-        settings = settings.model_copy(update={"encode": encode})
+        decode = settings.decode
+        if not decode.threads:
+            decode = decode.model_copy(update={"threads": cpus})
+        settings = settings.model_copy(update={"encode": encode, "decode": decode})
         actor = self._actor_class.options(
             num_cpus=cpus,
             max_restarts=0,

@@ -67,6 +67,7 @@ class SourceFrame:
             src_color_range=color_range,
             dst_color_range=ColorRange.JPEG,
             interpolation=Interpolation.BICUBIC,
+            threads=1,
         )
         return rgb.to_ndarray()
 
@@ -95,6 +96,9 @@ class SourceFrame:
             src_color_range=color_range,
             dst_color_range=ColorRange.MPEG,
             interpolation=interpolation,
+            # One thread: the worker's other threads (decoder, encoders) have the other cores, and
+            # handing slices of a small picture to a pool costs more than it saves.
+            threads=1,
         )
         left, top, out_width, out_height = window
         if (left, top, out_width, out_height) != (0, 0, width, height):

@@ -10,6 +10,7 @@ import pytest
 from daemon.clips import Clip
 from daemon.encode import X265Encoder, x265_params
 from daemon.pipeline import ClipCutter, lane_count
+from daemon.source import VideoSource
 from daemon.stages import build_stages
 
 from media import CollectedClips, cut, decoded_indices, make_video, settings
@@ -106,6 +107,19 @@ def test_the_lane_budget_is_the_workers_share_of_the_cores() -> None:
     single = x265_params(settings().encode, single_threaded=True)
     assert "pools=1" in single and "frame-threads=1" in single
     assert "pools=3" in x265_params(settings(**{"encode.threads": 3}).encode, single_threaded=True)
+
+
+def test_the_decoder_gets_the_workers_share_of_the_cores_not_ffmpegs_every_core(source: Path) -> None:
+    cores = len(__import__("os").sched_getaffinity(0))
+    for overrides, expected in (
+        ({"run.workers": 1}, cores),
+        ({"run.workers": cores * 2}, 1),
+        ({"run.workers": 1, "decode.threads": 3}, 3),
+    ):
+        cutter = ClipCutter(settings(**overrides), [], "cpu")
+        with cutter.open_source(source) as opened:
+            assert isinstance(opened, VideoSource)
+            assert opened.stream.codec_context.thread_count == expected, overrides
 
 
 def test_workers_auto_is_resolved_once_to_a_number() -> None:
