@@ -1,13 +1,17 @@
 """One source video in, one HEVC stream per clip out: decode once, run the stages, encode.
 
-`ClipCutter.run` is the pipeline: frames (a walk along the clips, daemon.walk) → schedule (which
-clips show each frame, daemon.timing) → pictures (as the stages and the encoder want them) →
-writers (one per clip: its stages state and its encoders, on a thread of its own when it has one).
+`ClipCutter.run_in_one_pass` is the pipeline: frames (a walk along the clips, daemon.walk) →
+schedule (which clips show each frame, daemon.timing) → pictures (as the stages and the encoder want
+them) → writers (one per clip: its stages state and its encoders, on a thread of its own when it
+has one). With several lanes, clips the index keeps apart are cut in parts (`SeparateParts`), each
+such pass on a lane of its own.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -423,6 +427,30 @@ class ClipCutter:
         sink: ProgressSink,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> VideoOutcome:
+        if self.lane_count > 1:
+            parts = self._separate_parts(source_path, clips)
+            if len(parts) > 1:
+                return SeparateParts(self, parts).run(source_path, video_id, output_dir, sink, should_stop)
+        return self.run_in_one_pass(source_path, video_id, clips, output_dir, sink, should_stop)
+
+    def _separate_parts(self, source_path: Path, clips: list[Clip]) -> list[list[Clip]]:
+        """The clips in parts that lanes can decode on their own, longest first; or one part when
+        decoding them apart would leave a lane idle for long (see `separate_parts`)."""
+        timelines = FrameSchedule(clips, self.settings.clip_fps, self.fps).timelines
+        with self.open_source(source_path) as source:
+            parts = separate_parts(timelines, source.keyframe_seconds)
+        return balanced(parts, self.lane_count) or [clips]
+
+    def run_in_one_pass(
+        self,
+        source_path: Path,
+        video_id: str,
+        clips: list[Clip],
+        output_dir: Path,
+        sink: ProgressSink,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> VideoOutcome:
+        """One decoder along every clip; clips go to lanes, with the pictures queued for them."""
         schedule = FrameSchedule(clips, self.settings.clip_fps, self.fps)
         open_clips = OpenClips(self, video_id, output_dir, sink)
         try:
@@ -442,6 +470,150 @@ class ClipCutter:
         open_clips.lanes.stop()
         open_clips.end(schedule, walk)
         return VideoOutcome(results=open_clips.results, interrupted=walk.interrupted)
+
+
+def separate_parts(
+    timelines: list[ClipTimeline], keyframe_seconds: Callable[[Fraction], Fraction | None]
+) -> list[list[Clip]]:
+    """Clips (in time order) cut into parts wherever the index puts the keyframe a decoder would
+    start the next clip from after the end of every clip before it: decoders that each walk one
+    part then decode no frame twice, and need no pictures queued between them."""
+    parts: list[list[Clip]] = []
+    reach: Fraction | None = None  # the latest moment a clip so far needs
+    for timeline in timelines:
+        landing = None if reach is None else keyframe_seconds(timeline.start_seconds)
+        if reach is None or (landing is not None and reach < landing <= timeline.start_seconds):
+            parts.append([])
+        parts[-1].append(timeline.clip)
+        end = timeline.end_seconds
+        reach = end if reach is None else max(reach, end)
+    return parts
+
+
+# How much longer than an even share of the frames the busiest lane may be given.
+BALANCE_SLACK = 1.1
+
+
+def balanced(parts: list[list[Clip]], lanes: int) -> list[list[Clip]] | None:
+    """The parts longest first (each goes to the first lane that is free, so the lanes end close
+    together), or None when even then one lane would have more than its share of the frames
+    (by BALANCE_SLACK): one part holding most of the clips is better cut by one decoder feeding
+    every lane."""
+    if len(parts) < 2:
+        return None
+    ordered = sorted(parts, key=part_frames, reverse=True)
+    loads = [0] * lanes
+    for part in ordered:
+        loads[loads.index(min(loads))] += part_frames(part)
+    return ordered if max(loads) <= BALANCE_SLACK * sum(loads) / lanes else None
+
+
+def part_frames(part: list[Clip]) -> int:
+    return sum(clip.end_frame - clip.start_frame for clip in part)
+
+
+class PartAborted(Exception):
+    """The cut was abandoned on the cutter's thread: a part's walk ends where it is."""
+
+
+class Relay:
+    """The progress sink of the part threads: what they report is queued and handed to the real
+    sink on the cutter's thread (the worker's pipe is not for several threads)."""
+
+    def __init__(self, abort: threading.Event) -> None:
+        self._events: queue.SimpleQueue[tuple[str, tuple[Any, ...]]] = queue.SimpleQueue()
+        self._abort = abort
+
+    def clip_finished(self, result: ClipResult) -> None:
+        self._events.put(("clip_finished", (result,)))
+
+    def frames_encoded(self, count: int) -> None:
+        self._events.put(("frames_encoded", (count,)))
+
+    def frame_decoded(self) -> None:
+        if self._abort.is_set():
+            raise PartAborted  # the part's unfinished clips are removed on its way out
+        self._events.put(("frame_decoded", ()))
+
+    def waiting(self, seconds: float) -> None:
+        self._events.put(("waiting", (seconds,)))
+
+    def forward(self, sink: ProgressSink, timeout: float | None) -> None:
+        """Everything reported so far, to `sink`; waits up to `timeout` for the first event."""
+        try:
+            event = self._events.get(timeout=timeout) if timeout else self._events.get_nowait()
+            while True:
+                name, args = event
+                getattr(sink, name)(*args)
+                event = self._events.get_nowait()
+        except queue.Empty:
+            return
+
+
+class SeparateParts:
+    """Parts of one source's clips cut side by side, each by a decoder and encoders of its own on
+    a lane: clips far apart need no pictures queued for a second lane (a single decoder must hold
+    the rest of one clip in memory before it can reach the next), so memory does not grow with
+    the clips' length."""
+
+    def __init__(self, cutter: ClipCutter, parts: list[list[Clip]]) -> None:
+        self.parts = parts
+        self.lanes = cutter.lane_count
+        threads = max(1, decoder_threads(cutter.settings) // cutter.lane_count)
+        # One lane each: the part's clips are encoded on its own thread, as it decodes them.
+        self.cutter = ClipCutter(
+            cutter.settings,
+            cutter.stages,
+            cutter.device,
+            encoders=cutter.encoders,
+            open_source=lambda path: VideoSource(path, threads=threads),
+        )
+
+    def run(
+        self,
+        source_path: Path,
+        video_id: str,
+        output_dir: Path,
+        sink: ProgressSink,
+        should_stop: Callable[[], bool],
+    ) -> VideoOutcome:
+        stop, abort = threading.Event(), threading.Event()
+        relay = Relay(abort)
+
+        cutter = self.cutter
+
+        def cut(part: list[Clip]) -> VideoOutcome:
+            if stop.is_set():  # not started: its clips stay pending
+                return VideoOutcome(results=[], interrupted=True)
+            try:
+                return cutter.run_in_one_pass(source_path, video_id, part, output_dir, relay, stop.is_set)
+            except BaseException:
+                # The other parts stop the way they do on a stop request: the clips in progress
+                # are finished and kept, the parts not started stay pending; the error is raised.
+                stop.set()
+                raise
+
+        pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="clip-lane")
+        futures = [pool.submit(cut, part) for part in self.parts]
+        try:
+            while not all(future.done() for future in futures):
+                relay.forward(sink, timeout=0.1)
+                if should_stop():
+                    stop.set()
+        except BaseException:
+            stop.set()
+            abort.set()
+            raise
+        finally:
+            pool.shutdown(wait=True)
+            relay.forward(sink, timeout=None)
+        results: list[ClipResult] = []
+        interrupted = False
+        for future in futures:
+            outcome = future.result()  # the first failure, in the parts' order, is raised
+            results.extend(outcome.results)
+            interrupted = interrupted or outcome.interrupted
+        return VideoOutcome(results=results, interrupted=interrupted)
 
 
 def failed_clip(clip: Clip, error: str) -> ClipResult:

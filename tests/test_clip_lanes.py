@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 
 from daemon.clips import Clip
 from daemon.encode import X265Encoder, x265_params
-from daemon.pipeline import ClipCutter, lane_count
-from daemon.source import VideoSource
+from daemon.pipeline import ClipCutter, balanced, lane_count, separate_parts
+from daemon.source import SourceError, VideoSource
 from daemon.stages import build_stages
+from daemon.timing import FrameSchedule
 
 from media import CollectedClips, cut, decoded_indices, make_video, settings
 
@@ -90,7 +94,8 @@ def test_with_lanes_no_clip_is_encoded_on_the_decoding_thread_and_encoders_go_wh
 
     monkeypatch.setattr(X265Encoder, "_encode", watched_encode)
     monkeypatch.setattr(X265Encoder, "finish", watched_finish)
-    clips = [Clip(start, start + 30) for start in range(0, 240, 40)]
+    # Back to back, so one decoder feeds both lanes (clips far apart get a decoder each, below).
+    clips = [Clip(start, start + 40) for start in range(0, 240, 40)]
     results = cut(source, clips, tmp_path / "out", settings(**{"encode.parallel_clips": 2}))
     for clip in clips:
         path = Path(results[clip].path or "")
@@ -139,3 +144,119 @@ def test_an_upscale_a_large_source_does_not_need_leaves_the_fast_path_on(tmp_pat
         result = cut(source, [Clip(0, 30)], tmp_path / "-".join(stages), config)[Clip(0, 30)]
         outputs.append(Path(result.path or "").read_bytes())
     assert outputs[0] == outputs[1]
+
+
+FAR_APART = [Clip(0, 30), Clip(60, 90), Clip(70, 80), Clip(130, 150), Clip(200, 230)]
+
+
+def keyframes_every(frames: int) -> Callable[[Fraction], Fraction | None]:
+    return lambda seconds: Fraction(int(seconds * 30) // frames * frames, 30)
+
+
+def test_clips_are_cut_into_parts_only_where_a_keyframe_lies_after_everything_before() -> None:
+    timelines = FrameSchedule(FAR_APART, Fraction(30), Fraction(30)).timelines
+    parts = separate_parts(timelines, keyframes_every(20))
+    # 60 starts from keyframe 60, after 29; 70 overlaps 60-90; 130 starts from keyframe 120.
+    assert parts == [[Clip(0, 30)], [Clip(60, 90), Clip(70, 80)], [Clip(130, 150)], [Clip(200, 230)]]
+    # Keyframes every 100 frames: 60 would start from 0, before 29 (decoded twice); 130 from 100.
+    assert separate_parts(timelines, keyframes_every(100)) == [
+        [Clip(0, 30), Clip(60, 90), Clip(70, 80)],
+        [Clip(130, 150)],
+        [Clip(200, 230)],
+    ]
+    # Back to back: apart only when the second starts on a keyframe; with no index, never.
+    touching = FrameSchedule([Clip(0, 50), Clip(50, 80)], Fraction(30), Fraction(30)).timelines
+    assert separate_parts(touching, keyframes_every(20)) == [[Clip(0, 50), Clip(50, 80)]]
+    assert separate_parts(touching, keyframes_every(25)) == [[Clip(0, 50)], [Clip(50, 80)]]
+    assert len(separate_parts(timelines, lambda seconds: None)) == 1
+
+
+def test_parts_go_longest_first_and_only_when_the_lanes_would_end_close_together() -> None:
+    short, long = [Clip(0, 30)], [Clip(100, 200)]
+    assert balanced([short, long, short, short, short], 2) == [long, short, short, short, short]
+    assert balanced([short, long], 2) is None  # one lane would do 100 of 130 frames
+    assert balanced([long], 2) is None
+
+
+def test_clips_far_apart_get_a_decoder_per_lane_and_the_same_frames_and_bytes(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened: list[tuple[str, int]] = []
+    init = VideoSource.__init__
+
+    def watched_init(self: VideoSource, path: Path, threads: int = 0) -> None:
+        init(self, path, threads)
+        opened.append((threading.current_thread().name, threads))
+
+    monkeypatch.setattr(VideoSource, "__init__", watched_init)
+    one = cut(source, FAR_APART, tmp_path / "one", settings(**{"encode.deterministic": True}))
+    assert [name for name, _ in opened] == ["MainThread"]
+    opened.clear()
+    two = cut(
+        source, FAR_APART, tmp_path / "two", settings(**{"encode.parallel_clips": 2, "decode.threads": 2})
+    )
+    # One look at the index on the cutter's thread, then a single-threaded decoder per part.
+    assert opened[0][0] == "MainThread"
+    assert sorted(opened[1:]) == [(name, 1) for name, _ in sorted(opened[1:])] and len(opened) == 5
+    assert all(name.startswith("clip-lane") for name, _ in opened[1:])
+    for clip in FAR_APART:
+        path = Path(two[clip].path or "")
+        assert decoded_indices(path) == list(range(clip.start_frame, clip.end_frame))
+        # Single-threaded libx265 on both sides: the way the clips were cut leaves no trace.
+        assert path.read_bytes() == Path(one[clip].path or "").read_bytes()
+
+
+@pytest.fixture
+def slow_encoder(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """20 ms a frame: a clip of 30 frames takes over half a second, so what a stop or an abort
+    does to the clips in progress is plain. The event is set once a frame has been encoded."""
+    encode = X265Encoder._encode
+    encoding = threading.Event()
+
+    def slow(self: X265Encoder, frame: object) -> None:
+        encoding.set()
+        time.sleep(0.02)
+        encode(self, frame)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(X265Encoder, "_encode", slow)
+    return encoding
+
+
+def test_a_failed_part_stops_the_others_and_keeps_what_they_finished(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch, slow_encoder: threading.Event
+) -> None:
+    seek = VideoSource._seek
+
+    def failing_seek(self: VideoSource, seconds: Fraction) -> None:
+        if 3 < seconds < 4:
+            slow_encoder.wait(10)  # the other part has a clip in progress
+            raise SourceError(f"{self.path.name}: cannot seek to {float(seconds):.3f}s: test")
+        seek(self, seconds)
+
+    monkeypatch.setattr(VideoSource, "_seek", failing_seek)
+    # Parts, longest first: 0-50 and 100-140 start together; 100-140 fails once 0-50 is under way;
+    # the other two parts are never started, and 0-50, in progress, is finished.
+    clips = [Clip(0, 50), Clip(100, 140), Clip(170, 190), Clip(210, 240)]
+    sink = CollectedClips()
+    config = settings(**{"encode.parallel_clips": 2})
+    cutter = ClipCutter(config, build_stages(config, "cpu"), "cpu")  # type: ignore[arg-type]
+    with pytest.raises(SourceError, match="cannot seek to 3.333s"):
+        cutter.run(source, "vid", clips, tmp_path / "out", sink)
+    assert [(r.start_frame, r.end_frame, r.error) for r in sink.results] == [(0, 50, None)]
+    assert [p.name for p in (tmp_path / "out" / "vid").iterdir()] == ["vid_0000000_0000050.hevc"]
+
+
+@pytest.mark.usefixtures("slow_encoder")
+def test_an_error_on_the_cutters_thread_abandons_every_part_at_once(tmp_path: Path, source: Path) -> None:
+    class FailingSink(CollectedClips):
+        def frames_encoded(self, count: int) -> None:
+            raise KeyboardInterrupt  # as a signal would, on the thread that runs the cutter
+
+    sink = FailingSink()
+    config = settings(**{"encode.parallel_clips": 2})
+    cutter = ClipCutter(config, build_stages(config, "cpu"), "cpu")  # type: ignore[arg-type]
+    with pytest.raises(KeyboardInterrupt):
+        cutter.run(source, "vid", FAR_APART, tmp_path / "out", sink)
+    # At the first batch written, every clip in progress was removed, none finished.
+    assert sink.results == []
+    assert list((tmp_path / "out" / "vid").iterdir()) == []
