@@ -136,10 +136,12 @@ class DecodeSettings(_Section):
     # this far ahead of the last decoded frame (the decoding a seek must save to be worth it).
     seek_threshold_seconds: float = Field(0.5, ge=0)
     batch_size: int = Field(8, ge=1, le=256)
-    # Threads of the CPU decoder; 0: the worker's share of the cores (cores / workers).
+    # Threads of a worker's CPU decoding; 0: its share of the cores (cores / workers). Clips cut in
+    # parts (a decoder per lane) share them out: one each by default.
     threads: int = Field(0, ge=0)
-    # Decoded frames a worker may hold for clips written on their own threads (encode.parallel_clips):
-    # enough to decode one clip ahead while the last one is still being encoded.
+    # Pictures one decoder may queue for clips written on their own threads (encode.parallel_clips),
+    # when the clips are not cut in parts: enough to decode one clip ahead while the last one is
+    # still being encoded.
     buffer_mb: float = Field(32.0, gt=0, le=65536)
 
 

@@ -13,8 +13,8 @@ import os
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import av
 import numpy as np
+from loguru import logger
 
 from daemon.clips import Clip
 from daemon.config import Settings
@@ -398,6 +399,7 @@ class ClipCutter:
         device: torch.device | str,
         encoders: EncoderFactory | None = None,
         open_source: SourceOpener | None = None,
+        lanes: int | None = None,
     ) -> None:
         self.settings = settings
         self.stages = stages
@@ -409,9 +411,11 @@ class ClipCutter:
         self.buffer_bytes = int(settings.decode.buffer_mb * 2**20)
         # Clips written at once, each on its own thread: only for the CPU's encoder, since NVENC has
         # its own engine.
-        self.lane_count = lane_count(settings) if encoders is None and str(device) == "cpu" else 1
+        self.lane_count = lanes or (lane_count(settings) if encoders is None and str(device) == "cpu" else 1)
         self.encoders = encoders or X265Encoders(settings.encode, single_threaded=self.lane_count > 1)
         self.open_source = open_source or self._cpu_source
+        # Parts each open a decoder of their own: only where that decoder is PyAV's.
+        self.cuts_in_parts = open_source is None and self.lane_count > 1
         # The matte, when a matte stage makes one, goes to its own `.alpha.hevc` stream.
         self.write_alpha = "matte" in settings.stages and settings.matte.alpha_stream
 
@@ -427,7 +431,7 @@ class ClipCutter:
         sink: ProgressSink,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> VideoOutcome:
-        if self.lane_count > 1:
+        if self.cuts_in_parts:
             parts = self._separate_parts(source_path, clips)
             if len(parts) > 1:
                 return SeparateParts(self, parts).run(source_path, video_id, output_dir, sink, should_stop)
@@ -439,7 +443,10 @@ class ClipCutter:
         timelines = FrameSchedule(clips, self.settings.clip_fps, self.fps).timelines
         with self.open_source(source_path) as source:
             parts = separate_parts(timelines, source.keyframe_seconds)
-        return balanced(parts, self.lane_count) or [clips]
+            if len(parts) > 1 and not lands_in_time(source, timelines, parts[1][0]):
+                # A wrong index: each part's walk would restart from the beginning of the video.
+                return [clips]
+        return balanced(grouped(parts, PARTS_PER_LANE * self.lane_count), self.lane_count) or [clips]
 
     def run_in_one_pass(
         self,
@@ -477,12 +484,15 @@ def separate_parts(
 ) -> list[list[Clip]]:
     """Clips (in time order) cut into parts wherever the index puts the keyframe a decoder would
     start the next clip from after the end of every clip before it: decoders that each walk one
-    part then decode no frame twice, and need no pictures queued between them."""
+    part then decode almost no frame twice (a decoder reads a few frames past its part's end
+    before it knows it is done), and need no pictures queued between them."""
     parts: list[list[Clip]] = []
     reach: Fraction | None = None  # the latest moment a clip so far needs
     for timeline in timelines:
-        landing = None if reach is None else keyframe_seconds(timeline.start_seconds)
-        if reach is None or (landing is not None and reach < landing <= timeline.start_seconds):
+        start = timeline.start_seconds
+        # A clip that starts before `reach` shares frames with an earlier one: no index lookup.
+        landing = None if reach is None or start <= reach else keyframe_seconds(start)
+        if reach is None or (landing is not None and reach < landing <= start):
             parts.append([])
         parts[-1].append(timeline.clip)
         end = timeline.end_seconds
@@ -490,8 +500,40 @@ def separate_parts(
     return parts
 
 
+def lands_in_time(source: FrameSource, timelines: list[ClipTimeline], clip: Clip) -> bool:
+    """Whether a real seek to the clip's start lands at or before it, as the index promises."""
+    start = next(timeline.start_seconds for timeline in timelines if timeline.clip == clip)
+    frames = iter(source.frames(start))
+    try:
+        first = next(frames, None)
+    finally:
+        close = getattr(frames, "close", None)
+        if close is not None:
+            close()
+    return first is not None and first.pts_seconds <= start
+
+
+# Parts a lane may get on average: enough to even the lanes out at the end, few enough that opening
+# a decoder and decoding the lead-in from a keyframe stay small next to the clips themselves.
+PARTS_PER_LANE = 4
+
 # How much longer than an even share of the frames the busiest lane may be given.
 BALANCE_SLACK = 1.1
+
+
+def grouped(parts: list[list[Clip]], most: int) -> list[list[Clip]]:
+    """Neighbouring parts joined into at most `most` groups of about the same number of frames;
+    a group's one decoder seeks across the gaps inside it."""
+    if len(parts) <= most:
+        return parts
+    share = sum(part_frames(part) for part in parts) / most
+    groups: list[list[Clip]] = [[] for _ in range(most)]
+    before = 0  # frames in the parts so far
+    for part in parts:
+        frames = part_frames(part)
+        groups[min(most - 1, int((before + frames / 2) / share))].extend(part)
+        before += frames
+    return [group for group in groups if group]
 
 
 def balanced(parts: list[list[Clip]], lanes: int) -> list[list[Clip]] | None:
@@ -517,12 +559,13 @@ class PartAborted(Exception):
 
 
 class Relay:
-    """The progress sink of the part threads: what they report is queued and handed to the real
-    sink on the cutter's thread (the worker's pipe is not for several threads)."""
+    """The progress sink of the part threads: what they report is kept and handed to the real sink
+    on the cutting thread (the worker's pipe is not for several threads)."""
 
     def __init__(self, abort: threading.Event) -> None:
         self._events: queue.SimpleQueue[tuple[str, tuple[Any, ...]]] = queue.SimpleQueue()
         self._abort = abort
+        self._decoded = False  # a frame decoded since the last forward: one sign of life for all
 
     def clip_finished(self, result: ClipResult) -> None:
         self._events.put(("clip_finished", (result,)))
@@ -533,21 +576,35 @@ class Relay:
     def frame_decoded(self) -> None:
         if self._abort.is_set():
             raise PartAborted  # the part's unfinished clips are removed on its way out
-        self._events.put(("frame_decoded", ()))
+        self._decoded = True
 
     def waiting(self, seconds: float) -> None:
         self._events.put(("waiting", (seconds,)))
 
-    def forward(self, sink: ProgressSink, timeout: float | None) -> None:
-        """Everything reported so far, to `sink`; waits up to `timeout` for the first event."""
-        try:
-            event = self._events.get(timeout=timeout) if timeout else self._events.get_nowait()
-            while True:
-                name, args = event
-                getattr(sink, name)(*args)
-                event = self._events.get_nowait()
-        except queue.Empty:
-            return
+    def forward(self, sink: ProgressSink) -> None:
+        """Everything reported so far, to `sink`, in order."""
+        if self._decoded:
+            self._decoded = False
+            sink.frame_decoded()
+        for name, args in self._drain():
+            getattr(sink, name)(*args)
+
+    def forward_finished(self, sink: ProgressSink) -> None:
+        """After a failure: only the clips published, each on its own, so that one the sink fails
+        to take does not hide the others (or the failure being raised)."""
+        for name, args in self._drain():
+            if name == "clip_finished":
+                try:
+                    sink.clip_finished(*args)
+                except Exception as exc:  # noqa: BLE001 - the error being raised matters more
+                    logger.error(f"could not report {args[0].path}: {type(exc).__name__}: {exc}")
+
+    def _drain(self) -> Iterator[tuple[str, tuple[Any, ...]]]:
+        while True:
+            try:
+                yield self._events.get_nowait()
+            except queue.Empty:
+                return
 
 
 class SeparateParts:
@@ -559,14 +616,16 @@ class SeparateParts:
     def __init__(self, cutter: ClipCutter, parts: list[list[Clip]]) -> None:
         self.parts = parts
         self.lanes = cutter.lane_count
+        # The decoders share the worker's decoding threads (one each, by default).
         threads = max(1, decoder_threads(cutter.settings) // cutter.lane_count)
-        # One lane each: the part's clips are encoded on its own thread, as it decodes them.
+        # One lane each, the part's own: its clips are encoded on its thread as it decodes them.
         self.cutter = ClipCutter(
             cutter.settings,
             cutter.stages,
             cutter.device,
             encoders=cutter.encoders,
             open_source=lambda path: VideoSource(path, threads=threads),
+            lanes=1,
         )
 
     def run(
@@ -579,7 +638,6 @@ class SeparateParts:
     ) -> VideoOutcome:
         stop, abort = threading.Event(), threading.Event()
         relay = Relay(abort)
-
         cutter = self.cutter
 
         def cut(part: list[Clip]) -> VideoOutcome:
@@ -593,27 +651,34 @@ class SeparateParts:
                 stop.set()
                 raise
 
-        pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="clip-lane")
-        futures = [pool.submit(cut, part) for part in self.parts]
+        pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="clip-lane")  # no thread until a submit
         try:
-            while not all(future.done() for future in futures):
-                relay.forward(sink, timeout=0.1)
+            futures = [pool.submit(cut, part) for part in self.parts]
+            pending: set[Future[VideoOutcome]] = set(futures)
+            while pending:
+                _, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+                relay.forward(sink)
                 if should_stop():
                     stop.set()
         except BaseException:
+            # A signal or a failing sink on this thread: every part ends at its next frame.
             stop.set()
             abort.set()
-            raise
-        finally:
             pool.shutdown(wait=True)
-            relay.forward(sink, timeout=None)
-        results: list[ClipResult] = []
-        interrupted = False
-        for future in futures:
-            outcome = future.result()  # the first failure, in the parts' order, is raised
-            results.extend(outcome.results)
-            interrupted = interrupted or outcome.interrupted
-        return VideoOutcome(results=results, interrupted=interrupted)
+            relay.forward_finished(sink)
+            raise
+        pool.shutdown(wait=True)
+        relay.forward(sink)
+        failures = [exc for future in futures if (exc := future.exception()) is not None]
+        for extra in failures[1:]:
+            logger.error(f"{video_id}: another part failed as well: {type(extra).__name__}: {extra}")
+        if failures:
+            raise failures[0]
+        outcomes = [future.result() for future in futures]
+        return VideoOutcome(
+            results=[result for outcome in outcomes for result in outcome.results],
+            interrupted=any(outcome.interrupted for outcome in outcomes),
+        )
 
 
 def failed_clip(clip: Clip, error: str) -> ClipResult:

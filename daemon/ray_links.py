@@ -296,7 +296,7 @@ class RayLauncher:
             # One clip at a time, and libx265 on as many threads as the CPUs it asked for.
             encode = encode.model_copy(update={"threads": cpus})
         decode = settings.decode
-        if not decode.threads:
+        if not decode.threads:  # decoding, too, on the CPUs it asked for, whatever the node has
             decode = decode.model_copy(update={"threads": cpus})
         settings = settings.model_copy(update={"encode": encode, "decode": decode})
         actor = self._actor_class.options(

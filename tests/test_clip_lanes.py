@@ -12,7 +12,8 @@ import pytest
 
 from daemon.clips import Clip
 from daemon.encode import X265Encoder, x265_params
-from daemon.pipeline import ClipCutter, balanced, lane_count, separate_parts
+from daemon.messages import ClipResult
+from daemon.pipeline import ClipCutter, balanced, grouped, lane_count, separate_parts
 from daemon.source import SourceError, VideoSource
 from daemon.stages import build_stages
 from daemon.timing import FrameSchedule
@@ -178,6 +179,14 @@ def test_parts_go_longest_first_and_only_when_the_lanes_would_end_close_together
     assert balanced([long], 2) is None
 
 
+def test_many_parts_are_joined_into_a_few_groups_of_neighbours() -> None:
+    parts = [[Clip(start, start + 10)] for start in range(0, 1000, 100)]
+    groups = grouped(parts, 4)
+    assert len(groups) == 4 and [clip for group in groups for clip in group] == [p[0] for p in parts]
+    assert sorted(len(group) for group in groups) == [2, 2, 3, 3]
+    assert grouped(parts[:3], 4) == parts[:3]
+
+
 def test_clips_far_apart_get_a_decoder_per_lane_and_the_same_frames_and_bytes(
     tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -228,8 +237,10 @@ def test_a_failed_part_stops_the_others_and_keeps_what_they_finished(
     seek = VideoSource._seek
 
     def failing_seek(self: VideoSource, seconds: Fraction) -> None:
-        if 3 < seconds < 4:
-            slow_encoder.wait(10)  # the other part has a clip in progress
+        # On a lane (not the cutter's look at the index): the part that starts at 3.333 s fails,
+        # once the other part has a clip in progress.
+        if 3 < seconds < 4 and threading.current_thread().name.startswith("clip-lane"):
+            slow_encoder.wait(10)
             raise SourceError(f"{self.path.name}: cannot seek to {float(seconds):.3f}s: test")
         seek(self, seconds)
 
@@ -260,3 +271,57 @@ def test_an_error_on_the_cutters_thread_abandons_every_part_at_once(tmp_path: Pa
     # At the first batch written, every clip in progress was removed, none finished.
     assert sink.results == []
     assert list((tmp_path / "out" / "vid").iterdir()) == []
+
+
+def test_a_stop_request_while_cutting_in_parts_leaves_the_parts_not_started_pending(
+    tmp_path: Path, source: Path, slow_encoder: threading.Event
+) -> None:
+    stop = threading.Event()
+
+    class StopAtFirstClip(CollectedClips):
+        def clip_finished(self, result: ClipResult) -> None:
+            super().clip_finished(result)
+            stop.set()
+
+    # Parts, longest first: 60-120 and 0-30 start; 0-30 ends (the stop is asked for) and its lane
+    # takes 150-170 before the stop is seen; 200-215 is never started.
+    clips = [Clip(0, 30), Clip(60, 120), Clip(150, 170), Clip(200, 215)]
+    sink = StopAtFirstClip()
+    config = settings(**{"encode.parallel_clips": 2})
+    cutter = ClipCutter(config, build_stages(config, "cpu"), "cpu")  # type: ignore[arg-type]
+    outcome = cutter.run(source, "vid", clips, tmp_path / "out", sink, stop.is_set)
+    assert outcome.interrupted
+    made = {(r.start_frame, r.end_frame) for r in outcome.results if r.error is None}
+    assert {(0, 30), (60, 120)} <= made and (200, 215) not in made
+    assert not [r for r in outcome.results if r.error]
+    assert sorted(r.path for r in sink.results) == sorted(r.path for r in outcome.results)
+    on_disk = sorted(p.name for p in (tmp_path / "out" / "vid").iterdir())
+    assert on_disk == sorted(Path(r.path or "").name for r in outcome.results)  # no .part
+    for result in outcome.results:
+        assert decoded_indices(Path(result.path or "")) == list(range(result.start_frame, result.end_frame))
+
+
+def test_a_wrong_index_keeps_one_decoder_for_every_clip(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seek that lands after the moment asked for would make every part decode from the start
+    of the video: one such landing is enough to cut in one pass."""
+    seek = VideoSource._seek
+    opened: list[str] = []
+    init = VideoSource.__init__
+
+    def late_seek(self: VideoSource, seconds: Fraction) -> None:
+        seek(self, seconds + 1)
+
+    def watched_init(self: VideoSource, path: Path, threads: int = 0) -> None:
+        init(self, path, threads)
+        opened.append(threading.current_thread().name)
+
+    monkeypatch.setattr(VideoSource, "_seek", late_seek)
+    monkeypatch.setattr(VideoSource, "__init__", watched_init)
+    results = cut(source, FAR_APART, tmp_path / "out", settings(**{"encode.parallel_clips": 2}))
+    assert opened == ["MainThread", "MainThread"]  # the look at the index, then the one pass
+    for clip in FAR_APART:
+        assert decoded_indices(Path(results[clip].path or "")) == list(
+            range(clip.start_frame, clip.end_frame)
+        )
