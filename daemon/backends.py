@@ -22,7 +22,7 @@ from daemon.frames import ClipEncoder, FrameSource, PictureFormat
 from daemon.gpu.probe import BackendChoice, select_backends
 from daemon.gpu.slots import GpuSlots, RaySlots, slot_dir
 from daemon.messages import ClipResult
-from daemon.pipeline import ClipCutter, ProgressSink, VideoOutcome, decoder_threads
+from daemon.pipeline import ClipCutter, ProgressSink, VideoOutcome, decoder_threads, encoder_threads
 from daemon.source import VideoSource
 from daemon.stages import build_stages
 
@@ -76,7 +76,9 @@ class NvencEncoders:
             log = logger.debug if reason in self._refusals else logger.warning
             self._refusals.add(reason)
             log(f"{path.name}: NVENC cannot open an encoder ({reason}); this one is libx265")
-            return X265Encoder(path, width, height, fps, self.settings.encode)
+            return X265Encoder(
+                path, width, height, fps, self.settings.encode, encoder_threads(self.settings, 1)
+            )
 
 
 class Backends:

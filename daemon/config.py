@@ -82,11 +82,13 @@ class EncodeSettings(_Section):
     max_bitrate_kbps: int = Field(4000, ge=100)
     buffer_kbits: int = Field(8000, ge=100)
     gop: int = Field(240, ge=1)
+    # libx265 threads per encoder; 0: the worker's share of the cores over the clips it writes at
+    # once (one thread each when it writes a clip per core, the default).
     threads: int = Field(0, ge=0)
     # Every encoder single-threaded (libx265 pools=1:frame-threads=1), whatever the machine: the
     # same frames give the same bytes on every node and on every run.
     deterministic: bool = False
-    # Clips a worker encodes at once, each on its own thread with a single-threaded libx265;
+    # Clips a worker encodes at once, each on its own thread (with its share of encode.threads);
     # 0: the worker's share of the cores (cores / workers), 1: one clip at a time.
     parallel_clips: int = Field(0, ge=0, le=256)
     nvenc_preset: Literal["p1", "p2", "p3", "p4", "p5", "p6", "p7"] = "p4"

@@ -24,9 +24,10 @@ class EncodeError(Exception):
     pass
 
 
-def x265_params(settings: EncodeSettings, single_threaded: bool = False) -> str:
-    """libx265's options. `single_threaded`: one thread and one frame at a time, for encoders
-    that run side by side on their own threads (and whose bytes must not depend on the machine)."""
+def x265_params(settings: EncodeSettings, threads: int = 0) -> str:
+    """libx265's options, on `threads` threads (encode.threads when set; 0: libx265's own choice,
+    every core). One thread means one frame at a time too: the bytes then do not depend on the
+    machine or on what runs beside it."""
     params = {
         "crf": f"{settings.crf:g}",
         # VBR with a ceiling: constant quality, but never above max_bitrate over the VBV buffer.
@@ -42,12 +43,13 @@ def x265_params(settings: EncodeSettings, single_threaded: bool = False) -> str:
         "log-level": "error",
         "info": "0",
     }
-    if settings.deterministic or (single_threaded and not settings.threads):
+    threads = settings.threads or threads
+    if settings.deterministic or threads == 1:
         params["pools"] = "1"
         params["frame-threads"] = "1"
-    elif settings.threads:
-        params["pools"] = str(settings.threads)
-        params["frame-threads"] = str(min(settings.threads, 4))
+    elif threads:
+        params["pools"] = str(threads)
+        params["frame-threads"] = str(min(threads, 4))
     return ":".join(f"{k}={v}" for k, v in params.items())
 
 
@@ -63,7 +65,7 @@ class X265Encoder:
         height: int,
         fps: Fraction,
         settings: EncodeSettings,
-        single_threaded: bool = False,
+        threads: int = 0,
     ) -> None:
         self.path = path
         self.part_path = part_path(path)
@@ -82,7 +84,7 @@ class X265Encoder:
         context.color_range = ColorRange.MPEG
         context.color_primaries = 1
         context.color_trc = 1
-        stream.options = {"preset": settings.preset, "x265-params": x265_params(settings, single_threaded)}
+        stream.options = {"preset": settings.preset, "x265-params": x265_params(settings, threads)}
         self._stream: VideoStream | None = stream
         self._reformatter = VideoReformatter()
         self._time_base = Fraction(1) / fps
@@ -147,16 +149,16 @@ class X265Encoder:
 
 
 class X265Encoders:
-    """Opens libx265 encoders; `single_threaded` when clips are written side by side on threads."""
+    """Opens libx265 encoders on `threads` threads each (see `x265_params`)."""
 
     accepts = X265Encoder.accepts
 
-    def __init__(self, settings: EncodeSettings, single_threaded: bool = False) -> None:
+    def __init__(self, settings: EncodeSettings, threads: int = 0) -> None:
         self.settings = settings
-        self.single_threaded = single_threaded
+        self.threads = threads
 
     def __call__(self, path: Path, width: int, height: int, fps: Fraction) -> ClipEncoder:
-        return X265Encoder(path, width, height, fps, self.settings, self.single_threaded)
+        return X265Encoder(path, width, height, fps, self.settings, self.threads)
 
 
 def publish(part_path: Path, path: Path) -> int:

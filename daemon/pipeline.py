@@ -412,7 +412,7 @@ class ClipCutter:
         # Clips written at once, each on its own thread: only for the CPU's encoder, since NVENC has
         # its own engine.
         self.lane_count = lanes or (lane_count(settings) if encoders is None and str(device) == "cpu" else 1)
-        self.encoders = encoders or X265Encoders(settings.encode, single_threaded=self.lane_count > 1)
+        self.encoders = encoders or X265Encoders(settings.encode, encoder_threads(settings, self.lane_count))
         self.open_source = open_source or self._cpu_source
         # Parts each open a decoder of their own: only where that decoder is PyAV's.
         self.cuts_in_parts = open_source is None and self.lane_count > 1
@@ -704,6 +704,13 @@ def lane_count(settings: Settings) -> int:
     """Clips one worker writes at once: its share of the cores (encode.parallel_clips when set),
     so that the workers together run one encoder per core and never more."""
     return settings.encode.parallel_clips or core_share(settings)
+
+
+def encoder_threads(settings: Settings, lanes: int) -> int:
+    """Threads of each of a worker's libx265 encoders: its share of the cores over its lanes
+    (one, with a lane per core), so that the encoders of every worker together use each core once
+    (libx265's own choice is every core, in each encoder); encode.threads when set."""
+    return settings.encode.threads or max(1, core_share(settings) // lanes)
 
 
 def decoder_threads(settings: Settings) -> int:

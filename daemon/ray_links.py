@@ -292,9 +292,9 @@ class RayLauncher:
         if not encode.parallel_clips:
             # Its clips at once: the CPUs it asked for, not the cores of whichever node it lands on.
             encode = encode.model_copy(update={"parallel_clips": cpus})
-        if encode.parallel_clips == 1 and not encode.threads:
-            # One clip at a time, and libx265 on as many threads as the CPUs it asked for.
-            encode = encode.model_copy(update={"threads": cpus})
+        if not encode.threads:
+            # libx265 on the CPUs it asked for, shared by the clips it writes at once.
+            encode = encode.model_copy(update={"threads": max(1, cpus // encode.parallel_clips)})
         decode = settings.decode
         if not decode.threads:  # decoding, too, on the CPUs it asked for, whatever the node has
             decode = decode.model_copy(update={"threads": cpus})

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from daemon.clips import Clip
-from daemon.encode import X265Encoder, x265_params
+from daemon.encode import X265Encoder, X265Encoders, x265_params
 from daemon.messages import ClipResult
 from daemon.pipeline import ClipCutter, balanced, grouped, lane_count, separate_parts
 from daemon.source import SourceError, VideoSource
@@ -110,9 +110,26 @@ def test_the_lane_budget_is_the_workers_share_of_the_cores() -> None:
     assert lane_count(settings(**{"run.workers": 1})) == cores
     assert lane_count(settings(**{"run.workers": cores * 2})) == 1
     assert lane_count(settings(**{"encode.parallel_clips": 5})) == 5
-    single = x265_params(settings().encode, single_threaded=True)
+    single = x265_params(settings().encode, threads=1)
     assert "pools=1" in single and "frame-threads=1" in single
-    assert "pools=3" in x265_params(settings(**{"encode.threads": 3}).encode, single_threaded=True)
+    assert "pools=3" in x265_params(settings(**{"encode.threads": 3}).encode, threads=1)
+    assert "pools" not in x265_params(settings().encode)  # libx265's own choice: the ffmpeg peer's
+
+
+def test_the_encoders_share_the_workers_cores_whatever_the_lane_count() -> None:
+    """libx265 left to itself takes every core in each encoder: with a worker per core, that would
+    be cores x cores threads. Each encoder gets the worker's share of the cores over its lanes."""
+    cores = len(__import__("os").sched_getaffinity(0))
+
+    def threads(**overrides: object) -> int:
+        encoders = ClipCutter(settings(**overrides), [], "cpu").encoders
+        assert isinstance(encoders, X265Encoders)
+        return encoders.threads
+
+    assert threads(**{"run.workers": cores}) == 1  # a lane each, one core each
+    assert threads(**{"run.workers": 1}) == 1  # a lane per core
+    assert threads(**{"run.workers": 1, "encode.parallel_clips": 1}) == cores  # one lane, every core
+    assert threads(**{"run.workers": 1, "encode.threads": 3}) == 3
 
 
 def test_the_decoder_gets_the_workers_share_of_the_cores_not_ffmpegs_every_core(source: Path) -> None:
