@@ -286,14 +286,23 @@ def to_fraction(rate: float) -> Fraction:
     return fraction
 
 
-def _format_error(error: ValidationError, source: str) -> str:
+def _format_error(error: ValidationError, source: str, overrides: dict[str, Any]) -> str:
+    """One line: each bad value with the key it is under and where it came from; a value set on
+    the command line is named as such, not blamed on the config file."""
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = item["msg"]
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        lines.append(f"{source}: {key}: {message}")
+        given = [
+            f"{dotted} = {value!r}"
+            for dotted, value in overrides.items()
+            if value is not None
+            and (dotted == key or dotted.startswith(f"{key}.") or key.startswith(f"{dotted}."))
+        ]
+        where = f"command line ({', '.join(given)})" if given else source
+        lines.append(f"{where}: {key}: {message}")
     return "; ".join(lines)
 
 
@@ -351,4 +360,4 @@ def load_settings(path: Path | None, overrides: dict[str, Any] | None = None) ->
     try:
         return Settings.model_validate(_merge(data, nested))
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, source)) from exc
+        raise ConfigError(_format_error(exc, source, overrides or {})) from exc

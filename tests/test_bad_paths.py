@@ -86,7 +86,9 @@ def test_a_read_only_output_folder_stops_the_run(server: MediaServer, listed: di
         (["--config", "{clips}"], ["cannot read the config file"]),
         (["--urls-file", "{clips}"], ["--urls-file", "a folder, not a file"]),
         (["--input-clip-dir", "{urls}"], ["--input-clip-dir", "no such folder"]),
-        (["--workers", "0"], ["run.workers"]),
+        (["--workers", "0"], ["command line (run.workers = 0): run.workers"]),
+        # The flag is named, not the config file, and pydantic's "Value error, " stays out.
+        (["--width", "321"], ["command line (output.width = 321): output: width and height must be even"]),
     ],
 )
 def test_bad_run_flags_get_one_line(
