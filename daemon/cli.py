@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from loguru import logger
 
@@ -84,8 +85,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return load_settings(config_path(args), overrides)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line, naming what is wrong, and exit status 2 (argparse's own error
+    prints the whole usage first). The subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="download_and_process",
         description="Download videos, cut the clips listed per video, write one HEVC stream per clip.",
         # Raw, so the run command's help below keeps its layout.

@@ -89,6 +89,7 @@ def test_a_read_only_output_folder_stops_the_run(server: MediaServer, listed: di
         (["--workers", "0"], ["command line (run.workers = 0): run.workers"]),
         # The flag is named, not the config file, and pydantic's "Value error, " stays out.
         (["--width", "321"], ["command line (output.width = 321): output: width and height must be even"]),
+        (["--widht", "3"], ["unrecognized arguments: --widht 3", "see --help"]),  # no usage block
     ],
 )
 def test_bad_run_flags_get_one_line(
