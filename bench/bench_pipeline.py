@@ -281,7 +281,7 @@ def main() -> None:
         print(
             f"{label:>8} {'  of which processing':<22} {ours['process_seconds']:7.1f} {ours['frames']:7d} "
             f"{ours['frames'] / ours['process_seconds']:7.1f}   (download {ours['download_seconds']:.1f}s, "
-            f"the rest is start-up: interpreter, torch import, worker spawn)"
+            f"the rest is start-up: interpreter, imports, worker spawn)"
         )
         peer = run_ffmpeg(source, clips, args.preset, args.work)
         if peer is None:
