@@ -33,7 +33,7 @@ from daemon.source import VideoSource
 from daemon.stages.base import FrameBatch, Stage
 from daemon.stages.resize import Resize
 from daemon.timing import ClipTimeline, FrameSchedule
-from daemon.walk import FrameWalk
+from daemon.walk import FrameWalk, close_frames
 
 if TYPE_CHECKING:  # resize-only runs pass numpy arrays and YUV frames; only the stages need tensors
     import torch
@@ -443,7 +443,8 @@ class ClipCutter:
         timelines = FrameSchedule(clips, self.settings.clip_fps, self.fps).timelines
         with self.open_source(source_path) as source:
             parts = separate_parts(timelines, source.keyframe_seconds)
-            if len(parts) > 1 and not lands_in_time(source, timelines, parts[1][0]):
+            clip_fps = self.settings.clip_fps
+            if len(parts) > 1 and not lands_in_time(source, parts[1][0].start_seconds(clip_fps)):
                 # A wrong index: each part's walk would restart from the beginning of the video.
                 return [clips]
         return balanced(grouped(parts, PARTS_PER_LANE * self.lane_count), self.lane_count) or [clips]
@@ -500,17 +501,15 @@ def separate_parts(
     return parts
 
 
-def lands_in_time(source: FrameSource, timelines: list[ClipTimeline], clip: Clip) -> bool:
-    """Whether a real seek to the clip's start lands at or before it, as the index promises."""
-    start = next(timeline.start_seconds for timeline in timelines if timeline.clip == clip)
-    frames = iter(source.frames(start))
+def lands_in_time(source: FrameSource, seconds: Fraction) -> bool:
+    """Whether a real seek to `seconds` lands at or before it, as the index promises (the check
+    FrameWalk makes after each seek)."""
+    frames = iter(source.frames(seconds))
     try:
         first = next(frames, None)
     finally:
-        close = getattr(frames, "close", None)
-        if close is not None:
-            close()
-    return first is not None and first.pts_seconds <= start
+        close_frames(frames)
+    return first is not None and first.pts_seconds <= seconds
 
 
 # Parts a lane may get on average: enough to even the lanes out at the end, few enough that opening
@@ -716,7 +715,7 @@ def encoder_threads(settings: Settings, lanes: int) -> int:
 def decoder_threads(settings: Settings) -> int:
     """Threads of one worker's CPU decoder: its share of the cores (decode.threads when set).
     FFmpeg's own choice is every core plus one, in each worker: with two workers on two cores,
-    six decoding threads switching places with the encoders (about 3% of the list job's time)."""
+    six decoding threads switching places with the encoders (about 6% of the list job's time)."""
     return settings.decode.threads or core_share(settings)
 
 

@@ -100,7 +100,7 @@ class FrameWalk:
                 if self._worth_seeking(current.pts_seconds, next_start):
                     # Safe to drop `current` unshown: a keyframe lies after it and at or before
                     # `next_start`, so its time on screen ends before any clip needs it.
-                    _close(frames)
+                    close_frames(frames)
                     # Frames just after the landing may be on screen at the clip's start: they
                     # are decoded whole; skipping resumes from the next frame's distance.
                     self._skip(False)
@@ -109,7 +109,7 @@ class FrameWalk:
                     continue
                 self._skip(next_start - current.pts_seconds > self._margin)
         finally:
-            _close(frames)
+            close_frames(frames)
             self._skip(False)
 
     def _skip(self, skip: bool) -> None:
@@ -138,7 +138,7 @@ class FrameWalk:
         first = next(frames, None)
         if first is not None and first.pts_seconds <= from_seconds:
             return _chain(first, frames)
-        _close(frames)
+        close_frames(frames)
         self.restarts += 1
         return iter(self.source.frames(Fraction(0)))
 
@@ -148,10 +148,11 @@ def _chain(first: Frame, rest: Iterator[Frame]) -> Iterator[Frame]:
         yield first
         yield from rest
     finally:
-        _close(rest)
+        close_frames(rest)
 
 
-def _close(frames: Iterator[object]) -> None:
+def close_frames(frames: Iterator[object]) -> None:
+    """Ends a generator of frames now (its decoder state is let go of), not when it is collected."""
     close = getattr(frames, "close", None)
     if close is not None:
         close()
