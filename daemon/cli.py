@@ -181,8 +181,9 @@ def _logs(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from daemon.folders import RunPaths
+    from daemon.ledger import LedgerError
     from daemon.progress import ProgressView
-    from daemon.supervisor import AlreadyRunning, Supervisor, install_signal_handlers
+    from daemon.supervisor import AlreadyRunning, Supervisor, install_signal_handlers, lock_run
     from daemon.urls import parse_url_list
 
     settings = settings_from_args(args)
@@ -194,6 +195,11 @@ def _run(args: argparse.Namespace) -> int:
     paths = RunPaths.from_settings(settings, args.input_clip_dir, args.output_dir)
     paths.check_writable()
     url_list = parse_url_list(args.urls_file.resolve())
+    # Before the log is opened: a refused run writes nothing into the running one's log.
+    try:
+        lock = lock_run(paths, "run")
+    except AlreadyRunning as exc:
+        raise UsageError(str(exc)) from exc
     logs.configure_from_settings(
         "supervisor", logs.supervisor_log_path(paths.log_dir), settings.run, console=sys.stderr
     )
@@ -205,12 +211,14 @@ def _run(args: argparse.Namespace) -> int:
         logger.warning(problem)
 
     progress = ProgressView(len(url_list.sources), settings.run.progress_interval_seconds)
-    supervisor = Supervisor(settings, paths, on_event=progress.on_event)
+    supervisor = Supervisor(settings, paths, on_event=progress.on_event, lock=lock)
     try:
         supervisor.open()
-    except AlreadyRunning as exc:
+    except LedgerError as exc:
         progress.stop()
-        raise UsageError(str(exc)) from exc
+        supervisor.close()
+        logger.error(str(exc))
+        return EXIT_FAILED
     install_signal_handlers(supervisor)
     supervisor.reject_lines(str(args.urls_file.resolve()), url_list.rejected)
     logger.info(
@@ -303,8 +311,9 @@ def _manifest(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     """`serve`: returns the exit status (0 after a requested stop)."""
     from daemon.folders import RunPaths, folder_problem
+    from daemon.ledger import LedgerError
     from daemon.service import InboxError, Service
-    from daemon.supervisor import AlreadyRunning
+    from daemon.supervisor import AlreadyRunning, lock_run
 
     settings = settings_from_args(args)
     service = settings.service
@@ -327,12 +336,17 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--inbox {inbox}: {problem}")
     paths = RunPaths.from_settings(settings, clip_dir, output_dir)
     paths.check_writable()
+    # Before the log is opened: a refused start writes nothing into the holder's log.
+    try:
+        lock = lock_run(paths, "service")
+    except AlreadyRunning as exc:
+        raise UsageError(str(exc)) from exc
     logs.configure_from_settings(
         "supervisor", logs.supervisor_log_path(paths.log_dir), settings.run, console=sys.stderr
     )
     check_stages(settings)
     address = args.metrics_address if args.metrics_address is not None else service.metrics_address
-    runner = Service(settings, paths, inbox.resolve(), address)
+    runner = Service(settings, paths, inbox.resolve(), address, lock=lock)
     logger.info(
         f"serving: inbox {runner.inbox_dir}; {settings.run.workers} worker(s); output {paths.output_dir}; "
         f"logs {paths.log_dir}"
@@ -341,6 +355,9 @@ def _serve(args: argparse.Namespace) -> int:
         runner.run()
     except (AlreadyRunning, InboxError) as exc:
         raise UsageError(str(exc)) from exc
+    except LedgerError as exc:
+        logger.error(str(exc))
+        return EXIT_FAILED
     # Workers that cannot start: exit non-zero, so systemd marks the service failed and says why.
     return EXIT_FAILED if runner.supervisor.fatal else EXIT_OK
 

@@ -40,6 +40,14 @@ class RunSettings(_Section):
     # A worker busy with a URL that shows no progress (no byte downloaded, no frame decoded or
     # written) for this long is killed; its URL is retried once, then failed as stalled. 0: off.
     stall_seconds: float = Field(300.0, ge=0)
+    # A URL that fails for a passing reason (a dropped connection, an encoder error, a clip not
+    # finished) is tried again after retry_delay_seconds, doubled at each failure up to
+    # retry_delay_max_seconds, in this run and the next ones, until it has failed url_attempts
+    # times in all; then it is failed with its last reason. A full disk or a blocked site charges
+    # nothing: work waits for it to clear.
+    url_attempts: int = Field(4, ge=1, le=100)
+    retry_delay_seconds: float = Field(30.0, ge=0)
+    retry_delay_max_seconds: float = Field(900.0, ge=0)
     # Where workers run: "local" processes on this machine, or "ray": one Ray actor per worker,
     # on the cluster at ray_address ("" starts a Ray instance on this machine).
     backend: Literal["local", "ray"] = "local"

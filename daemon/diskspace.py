@@ -15,6 +15,12 @@ MB = 1024 * 1024
 # (path) -> free bytes; shutil.disk_usage in production.
 FreeBytes = Callable[[Path], int]
 
+# A folder that filled up is used again once this much more is free than when it filled (or a
+# twentieth of its file system, when that is less): room for at least a clip or two, so one freed
+# megabyte does not start a download that cannot be written.
+HOLD_MARGIN_BYTES = 64 * MB
+HOLD_MARGIN_MIN_BYTES = 256 * 1024
+
 
 def free_bytes(path: Path) -> int:
     """Free bytes (for an unprivileged user) on the file system that holds `path` or would hold it."""
@@ -32,6 +38,25 @@ class Floor:
     min_free_mb: float
 
 
+@dataclass(frozen=True)
+class Hold:
+    """A folder whose file system filled up (ENOSPC) while we wrote into it, whatever the floors say."""
+
+    path: Path
+    reason: str
+    resume_free_bytes: int  # work resumes once this much is free
+
+
+def hold_for(path: Path, reason: str) -> Hold:
+    """A hold on `path`, released once the file system has a margin more free than now."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    usage = shutil.disk_usage(probe)
+    margin = max(HOLD_MARGIN_MIN_BYTES, min(HOLD_MARGIN_BYTES, usage.total // 20))
+    return Hold(path, reason, usage.free + margin)
+
+
 class DiskGate:
     """Says whether a download may start now; logs once when it starts waiting and once when it stops.
 
@@ -45,9 +70,28 @@ class DiskGate:
         self._free = free
         self.reason: str | None = None  # why downloads wait now; None when they do not
         self._checked_at = float("-inf")
+        self.holds: dict[Path, Hold] = {}
+
+    def hold(self, hold: Hold) -> None:
+        """Work waits until the held folder has room again (a write there failed: disk full)."""
+        self.holds[hold.path] = hold
+        self._checked_at = float("-inf")  # say so at the next look, not a recheck period later
 
     def _low(self) -> str | None:
         problems = []
+        for path, hold in list(self.holds.items()):
+            try:
+                free = self._free(path)
+            except OSError:
+                free = 0
+            if free >= hold.resume_free_bytes:
+                del self.holds[path]
+                logger.info(f"{path}: {free / MB:.1f} MB free again; work that writes there resumes")
+            else:
+                problems.append(
+                    f"{hold.reason}; waiting for {hold.resume_free_bytes / MB:.1f} MB free "
+                    f"(now {free / MB:.1f} MB)"
+                )
         for floor in self.floors:
             try:
                 free_mb = self._free(floor.path) / MB
@@ -63,7 +107,8 @@ class DiskGate:
 
     def blocked(self) -> str | None:
         """The reason downloads must wait, or None when one may start."""
-        if not self.floors:
+        if not self.floors and not self.holds:
+            self.reason = None
             return None
         now = time.monotonic()
         if self.reason is not None and now - self._checked_at < self.recheck_seconds:

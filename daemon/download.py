@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from daemon.config import DownloadSettings, OutputSettings
+from daemon.failures import Failure, Scope, disk_full, is_disk_full, permanent, transient
 
 if TYPE_CHECKING:
     import tenacity
@@ -52,14 +53,25 @@ _TRANSIENT_HINTS = (
 class DownloadFailure(Exception):
     url: str
     reason: str
-    kind: str  # "transient", "rate_limited" or "permanent"
+    kind: str  # "transient", "rate_limited", "permanent" or "disk_full"
+    retry_after_seconds: float = 0.0
 
     def __str__(self) -> str:
         return self.reason
 
     @property
     def transient(self) -> bool:
-        return self.kind != "permanent"
+        """Worth another attempt now, within this download's retries."""
+        return self.kind in ("transient", "rate_limited")
+
+    def failure(self, folder: Path) -> Failure:
+        """In the run's vocabulary: a full temp folder is that folder's condition, not the URL's."""
+        reason = f"download: {self.reason}"
+        if self.kind == "disk_full":
+            return disk_full(folder, reason)
+        if self.kind == "permanent":
+            return permanent(Scope.URL, reason)
+        return transient(Scope.URL, reason, self.retry_after_seconds)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -93,6 +105,8 @@ def classify(url: str, exc: BaseException) -> DownloadFailure:
 
     chain = _chain(exc)
     message = _clean(str(exc)) or type(exc).__name__
+    if any(is_disk_full(item) for item in chain):
+        return DownloadFailure(url, f"no space left for the download: {message}", "disk_full")
     for item in chain:
         if isinstance(item, HTTPError):
             status = item.status
@@ -181,7 +195,8 @@ def _download_once(url: str, options: dict[str, Any], folder: Path) -> Path:
     except (DownloadError, ExtractorError) as exc:
         raise classify(url, exc) from exc
     except OSError as exc:
-        raise DownloadFailure(url, f"{type(exc).__name__}: {exc}", "transient") from exc
+        kind = "disk_full" if is_disk_full(exc) else "transient"
+        raise DownloadFailure(url, f"{type(exc).__name__}: {exc}", kind) from exc
     if info is None:
         raise DownloadFailure(url, "yt-dlp returned nothing for this URL", "permanent")
     if info.get("_type") == "playlist":

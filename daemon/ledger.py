@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -42,6 +43,15 @@ CREATE TABLE IF NOT EXISTS clips (
     finished_at REAL NOT NULL,
     PRIMARY KEY (video_id, start_frame, end_frame)
 );
+CREATE TABLE IF NOT EXISTS conditions (
+    scope TEXT NOT NULL,
+    key TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    since REAL NOT NULL,
+    next_try REAL,
+    waiting INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (scope, key)
+);
 CREATE TABLE IF NOT EXISTS rejected_lines (
     list_path TEXT NOT NULL,
     line INTEGER NOT NULL,
@@ -63,9 +73,28 @@ ADDED_COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("source_height", "INTEGER"),
         ("source_fps", "REAL"),
         ("node", "TEXT"),
+        # Tries that failed for a passing reason since the URL was last done, over every run: its
+        # retry budget (run.url_attempts). `attempts` counts every try, the successful ones too.
+        ("failed_tries", "INTEGER NOT NULL DEFAULT 0"),
     ],
-    "clips": [("sha256", "TEXT"), ("width", "INTEGER"), ("height", "INTEGER"), ("fps", "REAL")],
+    "clips": [
+        ("sha256", "TEXT"),
+        ("width", "INTEGER"),
+        ("height", "INTEGER"),
+        ("fps", "REAL"),
+        # 1: the clip can never be made (it runs past the end of its source); 0: it failed for a
+        # passing reason and is made again. NULL in ledgers from before: see `_PERMANENT_CLIP`.
+        ("permanent", "INTEGER"),
+    ],
 }
+
+# A failed clip row without the `permanent` column's answer: only "past the end" was permanent.
+_PERMANENT_CLIP = "(permanent = 1 OR (permanent IS NULL AND error LIKE '%runs past the end%'))"
+
+
+class LedgerError(Exception):
+    """The ledger cannot be read or written (its disk is full, say): the run cannot go on safely.
+    The message names the ledger's file and what SQLite said."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +103,7 @@ class UrlRow:
     video_id: str
     state: str
     crashes: int
+    attempts: int  # every try, over every run
     error: str | None
     retryable: bool
 
@@ -88,6 +118,19 @@ class ClipRow:
     frames: int | None
     bytes: int | None
     error: str | None
+    permanent: bool  # a failed clip that can never be made; False for one made again
+
+
+@dataclass(frozen=True)
+class Condition:
+    """Something larger than one URL that work waits for: a full disk, a site that blocks us."""
+
+    scope: str  # "disk" or "site"
+    key: str  # the folder, or the site
+    reason: str
+    since: float  # Unix time
+    next_try: float | None  # Unix time of the next look or probe, where known
+    waiting: int  # URLs held back by it
 
 
 @dataclass(frozen=True)
@@ -144,15 +187,24 @@ class Ledger:
         if readonly:
             self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, timeout=30)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # WAL with NORMAL loses at most the last commits on power loss, never consistency;
-            # a lost 'clip done' row only means that clip is made again.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
-            self._add_columns()
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if not path.exists():
+                    _create(path)
+                self._db = sqlite3.connect(path, timeout=30)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                # WAL with NORMAL loses at most the last commits on power loss, never consistency;
+                # a lost 'clip done' row only means that clip is made again.
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(SCHEMA)
+                self._add_columns()
+            except (sqlite3.Error, OSError) as exc:
+                raise self._error(exc) from exc
         self._db.row_factory = sqlite3.Row
+
+    def _error(self, exc: BaseException) -> LedgerError:
+        what = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return LedgerError(f"ledger {self.path} cannot be written: {what} (state folder {self.path.parent})")
 
     def _columns(self, table: str) -> set[str]:
         return {row[1] for row in self._db.execute(f"PRAGMA table_info({table})").fetchall()}
@@ -170,8 +222,12 @@ class Ledger:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._db:
-            yield self._db
+        """One transaction; any SQLite failure (a full disk, an I/O error) is a LedgerError."""
+        try:
+            with self._db:
+                yield self._db
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
 
     # --- URLs -------------------------------------------------------------------------------
 
@@ -194,9 +250,30 @@ class Ledger:
             video_id=row["video_id"],
             state=row["state"],
             crashes=row["crashes"],
+            attempts=row["attempts"],
             error=row["error"],
             retryable=bool(row["retryable"]),
         )
+
+    def url_with_video_id(self, video_id: str, other_than: str) -> str | None:
+        """Another URL that already holds `video_id`, if one does."""
+        row = self._db.execute(
+            "SELECT url FROM urls WHERE video_id = ? AND url != ? ORDER BY added_at LIMIT 1",
+            (video_id, other_than),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def added_before(self, url: str, other: str) -> bool:
+        """Whether `url` was first seen before `other` (the earlier one keeps a shared id)."""
+        row = self._db.execute(
+            "SELECT (SELECT added_at FROM urls WHERE url = ?) < (SELECT added_at FROM urls WHERE url = ?)",
+            (url, other),
+        ).fetchone()
+        return bool(row[0])
+
+    def set_video_id(self, url: str, video_id: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE urls SET video_id=? WHERE url = ?", (video_id, url))
 
     def set_pending(self, url: str) -> None:
         with self._tx() as db:
@@ -229,6 +306,8 @@ class Ledger:
     ) -> None:
         assert state in ("done", "skipped", "failed")
         with self._tx() as db:
+            if state == "done":
+                db.execute("UPDATE urls SET failed_tries=0 WHERE url = ?", (url,))
             db.execute(
                 "UPDATE urls SET state=?, error=?, retryable=?, worker=NULL, stage=NULL, finished_at=?,"
                 " download_seconds=COALESCE(?, download_seconds),"
@@ -246,12 +325,28 @@ class Ledger:
         with self._tx() as db:
             db.execute("UPDATE urls SET crashes=0 WHERE url = ?", (url,))
 
+    def charge_failed_try(self, url: str, error: str) -> int:
+        """A try of `url` failed for a passing reason: returns its failed tries, over every run,
+        since it was last done. A try a condition ended (a full disk, a blocked site) is not
+        charged, and a try that ends done starts the count again."""
+        with self._tx() as db:
+            db.execute("UPDATE urls SET failed_tries=failed_tries+1, error=? WHERE url = ?", (error, url))
+        row = self._db.execute("SELECT failed_tries FROM urls WHERE url = ?", (url,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def reset_attempts(self, url: str) -> None:
+        """--retry-failed: a URL given up on starts its budget again."""
+        with self._tx() as db:
+            db.execute("UPDATE urls SET failed_tries=0, crashes=0 WHERE url = ?", (url,))
+
     def recover_interrupted(self) -> int:
         """URLs left 'running' by a run that was killed go back to pending."""
         with self._tx() as db:
             cursor = db.execute(
                 "UPDATE urls SET state='pending', worker=NULL, stage=NULL WHERE state='running'"
             )
+            # What an earlier run waited for is looked at afresh by this one.
+            db.execute("DELETE FROM conditions")
         return cursor.rowcount
 
     def counts(self) -> dict[str, int]:
@@ -277,6 +372,36 @@ class Ledger:
         if not self._columns("rejected_lines"):
             return 0  # a ledger from before rejected lines were kept, opened read-only
         return int(self._db.execute("SELECT COUNT(*) FROM rejected_lines").fetchone()[0])
+
+    # --- conditions: what the run waits for (a full disk, a blocked site) -------------------
+
+    def set_condition(
+        self, scope: str, key: str, reason: str, next_try: float | None = None, waiting: int = 0
+    ) -> None:
+        """Says (for `status`) that work needing `key` waits; `next_try` in Unix time."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO conditions (scope, key, reason, since, next_try, waiting)"
+                " VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (scope, key) DO UPDATE SET reason=excluded.reason, next_try=excluded.next_try,"
+                " waiting=excluded.waiting",
+                (scope, key, reason, time.time(), next_try, waiting),
+            )
+
+    def clear_condition(self, scope: str, key: str | None = None) -> None:
+        with self._tx() as db:
+            if key is None:
+                db.execute("DELETE FROM conditions WHERE scope = ?", (scope,))
+            else:
+                db.execute("DELETE FROM conditions WHERE scope = ? AND key = ?", (scope, key))
+
+    def conditions(self) -> list[Condition]:
+        if not self._columns("conditions"):
+            return []  # a ledger from before conditions were kept, opened read-only
+        rows = self._db.execute(
+            "SELECT scope, key, reason, since, next_try, waiting FROM conditions ORDER BY since"
+        ).fetchall()
+        return [Condition(*row) for row in rows]
 
     def set_source(self, url: str, source: SourceMeta) -> None:
         with self._tx() as db:
@@ -385,12 +510,13 @@ class Ledger:
         width: int | None = None,
         height: int | None = None,
         fps: float | None = None,
+        permanent: bool = False,
     ) -> None:
         with self._tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO clips (video_id, start_frame, end_frame, url, state, path, frames,"
-                " bytes, error, finished_at, sha256, width, height, fps)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " bytes, error, finished_at, sha256, width, height, fps, permanent)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     video_id,
                     start_frame,
@@ -406,12 +532,15 @@ class Ledger:
                     width,
                     height,
                     fps,
+                    int(permanent),
                 ),
             )
 
     def clips(self, video_id: str) -> list[ClipRow]:
         rows = self._db.execute(
-            "SELECT * FROM clips WHERE video_id = ? ORDER BY start_frame, end_frame", (video_id,)
+            f"SELECT *, {_PERMANENT_CLIP} AS is_permanent FROM clips WHERE video_id = ?"
+            " ORDER BY start_frame, end_frame",
+            (video_id,),
         ).fetchall()
         return [
             ClipRow(
@@ -423,6 +552,23 @@ class Ledger:
                 frames=r["frames"],
                 bytes=r["bytes"],
                 error=r["error"],
+                permanent=r["state"] == "failed" and bool(r["is_permanent"]),
             )
             for r in rows
         ]
+
+
+def _create(path: Path) -> None:
+    """A new ledger appears whole or not at all: its tables are made in a file beside it that is
+    renamed into place, so a disk that fills during creation leaves no ledger without tables."""
+    fresh = path.with_name(f"{path.name}.new-{os.getpid()}")
+    try:
+        db = sqlite3.connect(fresh)
+        try:
+            db.executescript(SCHEMA)
+            db.commit()
+        finally:
+            db.close()
+        os.replace(fresh, path)
+    finally:
+        fresh.unlink(missing_ok=True)

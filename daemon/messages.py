@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from daemon.failures import Failure
+
 
 @dataclass(frozen=True)
 class Task:
@@ -36,7 +38,11 @@ class ClipResult:
     path: str | None
     frames: int
     bytes: int
-    error: str | None = None
+    failure: Failure | None = None  # why the clip was not made; None for a clip written
+
+    @property
+    def error(self) -> str | None:
+        return self.failure.reason if self.failure else None
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,7 @@ class SourceProbed:
 @dataclass(frozen=True)
 class ClipFinished:
     url: str
+    video_id: str
     result: ClipResult
     sha256: str | None = None  # of a clip written; None for a clip that failed
     output: OutputFormat | None = None
@@ -116,10 +123,13 @@ class ClipFinished:
 class UrlFinished:
     url: str
     state: str  # "done", "failed", or "interrupted" (a stop left clips to make)
-    error: str | None = None
-    retryable: bool = False
+    failure: Failure | None = None  # with "failed": what went wrong, its scope and kind
     download_seconds: float | None = None
     process_seconds: float | None = None
+
+    @property
+    def error(self) -> str | None:
+        return self.failure.reason if self.failure else None
 
 
 FromWorker = Ready | Heartbeat | PhaseChanged | FramesEncoded | SourceProbed | ClipFinished | UrlFinished

@@ -27,6 +27,7 @@ from loguru import logger
 from daemon.clips import Clip
 from daemon.config import Settings
 from daemon.encode import EncodeError, X265Encoders
+from daemon.failures import Failure, Scope, from_exception, permanent
 from daemon.frames import ClipEncoder, EncoderFactory, Frame, FrameSource, Picture, PictureFormat, Pictures
 from daemon.messages import ClipResult
 from daemon.source import VideoSource
@@ -128,7 +129,7 @@ class ClipWriter:
     pending: list[Picture] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)  # the stages' memory for this clip
     finishing: Future[ClipResult] | None = None
-    failed: bool = False  # a batch failed on the lane: the clip must not be published
+    failed: BaseException | None = None  # what broke a batch on the lane: the clip is not published
 
     def __post_init__(self) -> None:
         self.encoder = self.open_encoder(self.path)
@@ -144,8 +145,8 @@ class ClipWriter:
         """One batch through the stages into the encoders; returns the frames written."""
         try:
             return self._write(pictures)
-        except BaseException:
-            self.failed = True
+        except BaseException as exc:
+            self.failed = exc
             raise
 
     def _write(self, pictures: list[Picture]) -> int:
@@ -182,23 +183,27 @@ class ClipWriter:
         its main stream with it, so the next run makes both again."""
         clip = self.timeline.clip
         expected = self.timeline.frame_count
-        if self.failed:
+        what = video_id
+        if self.failed is not None:
             self.abort()
-            return failed_clip(clip, f"{video_id}: a batch of this clip failed to encode")
+            return failed_clip(clip, self._failure(self.failed, what))
         try:
             size = self.encoder.finish(expected)
-        except (EncodeError, OSError, av.error.FFmpegError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a clip that cannot be finished is that clip's failure
             self.abort()
-            return failed_clip(clip, f"{video_id}: {exc}")
+            return failed_clip(clip, self._failure(exc, what))
         if self.alpha is not None:
             try:
                 self.alpha.finish(expected)
-            except (EncodeError, OSError, av.error.FFmpegError) as exc:
+            except Exception as exc:  # noqa: BLE001 - as above: the clip, main stream too, is not made
                 self.alpha.abort()
                 self.alpha.path.unlink(missing_ok=True)
                 self.path.unlink(missing_ok=True)
-                return failed_clip(clip, f"{video_id}: {exc}")
+                return failed_clip(clip, self._failure(exc, what))
         return ClipResult(clip.start_frame, clip.end_frame, str(self.path), expected, size)
+
+    def _failure(self, exc: BaseException, what: str) -> Failure:
+        return from_exception(exc, Scope.CLIP, self.path.parent, what, (EncodeError, av.error.FFmpegError))
 
     def abort(self) -> None:
         """Remove the unfinished files (the lane is stopped first, by whoever owns it)."""
@@ -382,9 +387,12 @@ class OpenClips:
             self.report(
                 failed_clip(
                     clip,
-                    f"{self.video_id} clip {clip.start_frame} {clip.end_frame}: runs past the end of the "
-                    f"source (video ends at {float(walk.end_seconds):.3f}s, clip needs "
-                    f"{float(timeline.end_seconds):.3f}s)",
+                    permanent(
+                        Scope.CLIP,
+                        f"{self.video_id} clip {clip.start_frame} {clip.end_frame}: runs past the end of "
+                        f"the source (video ends at {float(walk.end_seconds):.3f}s, clip needs "
+                        f"{float(timeline.end_seconds):.3f}s)",
+                    ),
                 )
             )
 
@@ -680,9 +688,9 @@ class SeparateParts:
         )
 
 
-def failed_clip(clip: Clip, error: str) -> ClipResult:
+def failed_clip(clip: Clip, failure: Failure) -> ClipResult:
     """A clip not made, and why: nothing written, no file."""
-    return ClipResult(clip.start_frame, clip.end_frame, None, 0, 0, error=error)
+    return ClipResult(clip.start_frame, clip.end_frame, None, 0, 0, failure=failure)
 
 
 def picture_bytes(picture: Picture) -> int:

@@ -33,7 +33,7 @@ from watchdog.observers import Observer
 
 from daemon.config import Settings
 from daemon.folders import STATUS_FILE, RunPaths
-from daemon.locking import try_exclusive_lock
+from daemon.locking import FolderLocks, try_exclusive_lock
 from daemon.supervisor import Supervisor, install_signal_handlers
 from daemon.urls import parse_url_list
 
@@ -280,11 +280,18 @@ class Notifier:
 
 
 class Service:
-    def __init__(self, settings: Settings, paths: RunPaths, inbox: Path, metrics_address: str = "") -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        paths: RunPaths,
+        inbox: Path,
+        metrics_address: str = "",
+        lock: FolderLocks | None = None,
+    ) -> None:
         self.settings = settings
         self.paths = paths
         self.inbox_dir = inbox
-        self.supervisor = Supervisor(settings, paths, on_event=self._on_event)
+        self.supervisor = Supervisor(settings, paths, on_event=self._on_event, lock=lock)
         self.notifier = Notifier()
         self.lists: dict[Path, ListRun] = {}
         self.lists_by_url: dict[str, list[ListRun]] = {}

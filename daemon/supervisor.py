@@ -1,26 +1,34 @@
-"""The supervisor: owns the ledger, hands URLs to workers on request, replaces workers that die."""
+"""The supervisor: hands URLs to workers on request, replaces workers that die, and is the only
+writer of the ledger.
+
+It is the fleet (start, stagger, assign, deaths, stalls); what it hands out comes from planning
+(daemon.planning), what workers report goes to recording (daemon.recording), and what follows a
+failure is the failure policy's (daemon.policy).
+"""
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import shutil
 import signal
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
-from daemon.clips import Clip, clip_file_path, read_clip_file
 from daemon.config import Settings
-from daemon.diskspace import DiskGate, Floor
+from daemon.diskspace import DiskGate, Floor, hold_for
 from daemon.encode import remove_partial_files
+from daemon.failures import Failure, Kind, Scope
 from daemon.folders import LOCK_NAME, PART_SUFFIX, RunPaths
-from daemon.ledger import Ledger, SourceMeta
+from daemon.ledger import Ledger, LedgerError
 from daemon.links import Launcher, ProcessLauncher, WorkerLink
-from daemon.locking import try_exclusive_lock
+from daemon.locking import AlreadyLocked, FolderLocks
 from daemon.messages import (
     Assign,
     ClipFinished,
@@ -35,6 +43,9 @@ from daemon.messages import (
     UrlFinished,
     WorkerPaths,
 )
+from daemon.planning import Planned, Planner
+from daemon.policy import FailurePolicy, GiveUp, RetryLater, WaitFor, worst
+from daemon.recording import EventSink, Recorder, Totals
 from daemon.urls import Rejected, Source
 
 CRASH_LIMIT = 2
@@ -42,35 +53,22 @@ CRASH_LIMIT = 2
 # the settings (a log file that cannot be opened, a broken install), and restarting cannot help.
 STARTUP_DEATH_LIMIT = 3
 
+__all__ = ["AlreadyRunning", "Supervisor", "Totals", "install_signal_handlers", "lock_run"]
+
 
 class AlreadyRunning(Exception):
     pass
 
 
-@dataclass
-class Totals:
-    """What this run did; the summary printed at the end."""
-
-    urls: dict[str, int] = field(default_factory=lambda: {"done": 0, "skipped": 0, "failed": 0})
-    rejected_lines: int = 0  # URL-list lines that named nothing to fetch
-    clips_written: int = 0
-    clips_failed: int = 0
-    frames: int = 0  # of the clips written; a clip that failed part-way adds none
-    bytes: int = 0
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def seconds(self) -> float:
-        return time.monotonic() - self.started
-
-    def line(self) -> str:
-        fps = self.frames / self.seconds if self.seconds > 0 else 0.0
-        return (
-            f"URLs done {self.urls['done']}, skipped {self.urls['skipped']}, failed {self.urls['failed']}; "
-            f"list lines rejected {self.rejected_lines}; "
-            f"clips written {self.clips_written}, clip errors {self.clips_failed}; frames {self.frames}; "
-            f"{self.bytes / 1e6:.1f} MB; {self.seconds:.1f}s wall; {fps:.1f} frames/s"
-        )
+def lock_run(paths: RunPaths, who: str) -> FolderLocks:
+    """The output folder's lock (and the state folder's, where that is elsewhere), held by one run
+    or service at a time whatever run.state_dir says. Raises AlreadyRunning naming the holder."""
+    paths.output_dir.mkdir(parents=True, exist_ok=True)
+    paths.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return FolderLocks([paths.output_dir, paths.state_dir], LOCK_NAME, who)
+    except AlreadyLocked as exc:
+        raise AlreadyRunning(str(exc)) from None
 
 
 @dataclass
@@ -87,6 +85,10 @@ class _WorkerHandle:
     stalled: str | None = None  # why the watchdog killed it
     ready_seen: bool = False  # asked for work at least once
     node: str = ""  # the machine it runs on, as it said when ready
+    # The task's clips settled in this try (made, or impossible), and those that failed for a
+    # passing reason: what is left of the task if it has to be tried again.
+    settled: set[tuple[int, int]] = field(default_factory=set)
+    clip_failures: list[Failure] = field(default_factory=list)
 
 
 class Supervisor:
@@ -96,24 +98,28 @@ class Supervisor:
         self,
         settings: Settings,
         paths: RunPaths,
-        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        on_event: EventSink | None = None,
+        lock: FolderLocks | None = None,
     ) -> None:
         self.settings = settings
         self.paths = paths
-        self.on_event = on_event or (lambda kind, data: None)
-        self.totals = Totals()
+        self.on_event: EventSink = on_event or (lambda kind, data: None)
         self.queue: deque[Task] = deque()
         self._queued_urls: set[str] = set()  # the queue's URLs, for duplicate checks in constant time
+        # URLs to try again after a transient failure: (when, order, task), soonest first.
+        self.delayed: list[tuple[float, int, Task]] = []
+        self._order = itertools.count()
         self.workers: dict[int, _WorkerHandle] = {}
         self.draining = False
         self.urgent = False
         self._drain_deadline: float | None = None
-        self._lock_handle: Any = None
+        self._lock = lock
         self._started_at = time.monotonic()
         self.launcher: Launcher | None = None  # started by `open`
         self.ledger: Ledger | None = None
-        # URL -> its final state for this run, so the summary counts each URL once.
-        self.outcomes: dict[str, str] = {}
+        self.planner: Planner | None = None
+        self.recorder: Recorder | None = None
+        self.policy = FailurePolicy(settings.run)
         service = settings.service
         self.disk = DiskGate(
             [
@@ -122,22 +128,32 @@ class Supervisor:
             ],
             service.disk_check_seconds,
         )
+        self._disk_said: str | None = None  # the disk condition the ledger shows now
         # Extra file descriptors that end `step`'s wait early (the service's inbox and signal pipe).
         self.wake_fds: list[int] = []
         self._startup_deaths = 0
-        # Set when the run cannot go on (workers keep dying at start-up): the reason, in one line.
+        # Set when the run cannot go on (workers keep dying at start-up, the ledger cannot be
+        # written): the reason, in one line.
         self.fatal: str | None = None
+
+    @property
+    def totals(self) -> Totals:
+        return self.recorder.totals if self.recorder else Totals()
+
+    @property
+    def outcomes(self) -> dict[str, str]:
+        return self.recorder.outcomes if self.recorder else {}
 
     # --- lifecycle ----------------------------------------------------------------------------
 
     def open(self) -> None:
-        self.paths.output_dir.mkdir(parents=True, exist_ok=True)
-        self.paths.state_dir.mkdir(parents=True, exist_ok=True)
-        lock_path = self.paths.state_dir / LOCK_NAME
-        self._lock_handle = try_exclusive_lock(lock_path)
-        if self._lock_handle is None:
-            raise AlreadyRunning(f"another run is already using {self.paths.state_dir} (lock {lock_path})")
+        """Lock the folders, open the ledger, clean what a killed run left; raises AlreadyRunning
+        or LedgerError (the ledger cannot be created or written: one line naming it)."""
+        if self._lock is None:
+            self._lock = lock_run(self.paths, "run")
         self.ledger = Ledger(self.paths.ledger)
+        self.planner = Planner(self.ledger, self.paths.clip_dir, self.settings.run.retry_failed)
+        self.recorder = Recorder(self.ledger, self.on_event)
         recovered = self.ledger.recover_interrupted()
         if recovered:
             logger.info(f"{recovered} URL(s) interrupted by an earlier run are pending again")
@@ -155,107 +171,64 @@ class Supervisor:
         shutil.rmtree(self.paths.temp_root, ignore_errors=True)
         if self.ledger is not None:
             self.ledger.close()
-        if self._lock_handle is not None:
-            self._lock_handle.close()
+        if self._lock is not None:
+            self._lock.close()
+
+    def _ledger_failed(self, exc: LedgerError) -> None:
+        """The ledger cannot be written: stop at once, before anything is done that it cannot record.
+        What is in flight stays pending in the ledger as it last was; the next run resumes it."""
+        if self.fatal is None:
+            self.fatal = f"{exc}; stopping: URLs in flight stay pending for the next run"
+            logger.error(self.fatal)
+        self.request_stop(urgent=True)
 
     # --- planning -----------------------------------------------------------------------------
 
     def reject_lines(self, list_path: str, rejected: list[Rejected]) -> None:
         """Counts the list's bad lines in the summary and keeps them in the ledger for `status`."""
-        assert self.ledger is not None
-        self.ledger.set_rejected_lines(list_path, [(r.line, r.text, r.reason) for r in rejected])
-        self.totals.rejected_lines += len(rejected)
+        assert self.ledger is not None and self.recorder is not None
+        try:
+            self.ledger.set_rejected_lines(list_path, [(r.line, r.text, r.reason) for r in rejected])
+        except LedgerError as exc:
+            self._ledger_failed(exc)
+        self.recorder.totals.rejected_lines += len(rejected)
 
     def submit(self, source: Source) -> str:
         """Record a source and queue what is missing of it; returns 'queued' or its final state."""
-        assert self.ledger is not None
-        row = self.ledger.add_url(source.url, source.video_id, source.list_path)
-        if row.state == "running" or source.url in self._queued_urls:
-            return "queued"
-        if row.state == "failed" and not row.retryable and not self.settings.run.retry_failed:
-            logger.warning(f"{source.url}: failed earlier, not retried ({row.error}); use --retry-failed")
-            return self._conclude(source.url, "failed", row.error, retryable=False, update=False)
-        clip_path = clip_file_path(self.paths.clip_dir, source.video_id)
+        if self.fatal is not None:
+            return "pending"
         try:
-            clip_file = read_clip_file(clip_path)
-        except FileNotFoundError:
-            return self._conclude(source.url, "skipped", f"no clip file {clip_path}")
-        except (OSError, UnicodeDecodeError) as exc:
-            return self._conclude(source.url, "failed", f"cannot read clip file {clip_path}: {exc}")
-        for problem in clip_file.problems:
+            return self._submit(source)
+        except LedgerError as exc:
+            self._ledger_failed(exc)
+            return "pending"
+
+    def _submit(self, source: Source) -> str:
+        assert self.ledger is not None and self.planner is not None and self.recorder is not None
+        row = self.ledger.url(source.url)
+        if (row is not None and row.state == "running") or source.url in self._queued_urls:
+            return "queued"
+        if any(task.url == source.url for _, _, task in self.delayed):
+            return "queued"
+        plan = self.planner.plan(source)
+        for problem in plan.problems:
             logger.warning(problem)
             self.on_event("problem", {"message": problem})
-        if not clip_file.clips:
-            return self._conclude(source.url, "skipped", f"clip file {clip_path} has no valid clip line")
-        finished = self._finished_clips(source.video_id)
-        missing = [clip for clip in clip_file.clips if clip not in finished]
-        if not missing:
-            return self._conclude(source.url, "done", None)
-        if finished:
-            logger.info(f"{source.video_id}: {len(finished)} clip(s) already made, {len(missing)} to make")
-        if row.state == "failed":
-            self.ledger.reset_crashes(source.url)
-        self.ledger.set_pending(source.url)
-        self._queued_urls.add(source.url)
-        self.queue.append(
-            Task(
-                url=source.url,
-                video_id=source.video_id,
-                clips=tuple((c.start_frame, c.end_frame) for c in missing),
-                local=source.is_local,
-            )
-        )
+        self.recorder.totals.rejected_clip_lines += len(plan.problems)
+        if not isinstance(plan, Planned):
+            return self.recorder.conclude(source.url, plan.state, plan.error, update=not plan.recorded)
+        self._queue(plan.task)
         self.on_event("queued", {"url": source.url})
         # The first worker starts (a few seconds of imports) while the rest of the list is read.
         self._start_due_workers()
         return "queued"
 
-    def _finished_clips(self, video_id: str) -> set[Clip]:
-        """Clips already made (and still on disk) or known to be impossible for this source."""
-        assert self.ledger is not None
-        finished: set[Clip] = set()
-        for row in self.ledger.clips(video_id):
-            if row.state == "failed" or (row.path and Path(row.path).is_file()):
-                finished.add(Clip(row.start_frame, row.end_frame))
-        return finished
-
-    def _conclude(
-        self,
-        url: str,
-        state: str,
-        error: str | None,
-        retryable: bool = False,
-        update: bool = True,
-        download_seconds: float | None = None,
-        process_seconds: float | None = None,
-    ) -> str:
-        assert self.ledger is not None
-        if update:
-            self.ledger.finish(
-                url,
-                state,
-                error=error,
-                retryable=retryable,
-                download_seconds=download_seconds,
-                process_seconds=process_seconds,
-            )
-        if state == "skipped" and error:
-            logger.warning(f"{url}: skipped: {error}")
-        elif state == "failed" and update:
-            logger.error(f"{url}: failed: {error}")
-        self.outcomes[url] = state
-        self.totals.urls[state] += 1
-        self.on_event(
-            "url",
-            {
-                "url": url,
-                "state": state,
-                "error": error,
-                "download_seconds": download_seconds,
-                "process_seconds": process_seconds,
-            },
-        )
-        return state
+    def _queue(self, task: Task, first: bool = False) -> None:
+        self._queued_urls.add(task.url)
+        if first:
+            self.queue.appendleft(task)
+        else:
+            self.queue.append(task)
 
     # --- workers ------------------------------------------------------------------------------
 
@@ -296,6 +269,7 @@ class Supervisor:
         task = self.queue.popleft()
         self._queued_urls.discard(task.url)
         handle.task, handle.idle, handle.phase = task, False, "queued"
+        handle.settled, handle.clip_failures = set(), []
         handle.last_progress, handle.announced_wait = time.monotonic(), 0.0
         self.ledger.mark_running(task.url, handle.index, handle.node)
         handle.link.send(Assign(task))
@@ -328,59 +302,84 @@ class Supervisor:
                 # Live progress only: the summary counts the frames of clips written, when they are.
                 self.on_event("frames", {"count": count})
             case SourceProbed():
-                meta = SourceMeta(message.codec, message.width, message.height, message.fps)
-                self.ledger.set_source(message.url, meta)
+                assert self.recorder is not None
+                self.recorder.source(message)
             case ClipFinished():
                 self._record_clip(handle, message)
             case UrlFinished():
                 self._finish_task(handle, message)
 
     def _record_clip(self, handle: _WorkerHandle, message: ClipFinished) -> None:
-        assert self.ledger is not None
-        result, output = message.result, message.output
-        video_id = handle.task.video_id if handle.task else "?"
-        state = "failed" if result.error else "done"
-        self.ledger.record_clip(
-            video_id,
-            message.url,
-            result.start_frame,
-            result.end_frame,
-            state,
-            path=result.path,
-            frames=result.frames,
-            size=result.bytes,
-            error=result.error,
-            sha256=message.sha256,
-            width=output.width if output else None,
-            height=output.height if output else None,
-            fps=output.fps if output else None,
-        )
-        if state == "done":
-            self.totals.clips_written += 1
-            self.totals.frames += result.frames
-            self.totals.bytes += result.bytes
+        assert self.recorder is not None
+        self.recorder.clip(message)
+        failure = message.result.failure
+        clip = (message.result.start_frame, message.result.end_frame)
+        if failure is None or failure.permanent:
+            handle.settled.add(clip)
         else:
-            self.totals.clips_failed += 1
-            logger.warning(result.error)
-        self.on_event("clip", {"url": message.url, **asdict(result)})
+            handle.clip_failures.append(failure)
 
     def _finish_task(self, handle: _WorkerHandle, message: UrlFinished) -> None:
-        url = message.url
+        assert self.ledger is not None and self.recorder is not None
+        url, task = message.url, handle.task
         handle.task = None
-        if message.state == "interrupted":
-            assert self.ledger is not None
+        if task is None:
+            return
+        left = tuple(clip for clip in task.clips if clip not in handle.settled)
+        failure = message.failure if message.state == "failed" else worst(handle.clip_failures)
+        if message.state == "interrupted" and left and failure is None:
             self.ledger.set_pending(url)
-            logger.info(f"{url}: stopped early; its remaining clips stay pending")
+            logger.info(f"{url}: stopped early; {len(left)} of its clips stay pending")
             self.on_event("url", {"url": url, "state": "pending", "error": None})
             return
-        self._conclude(
-            url,
-            message.state,
-            message.error,
-            retryable=message.retryable,
-            download_seconds=message.download_seconds,
-            process_seconds=message.process_seconds,
-        )
+        if failure is None:
+            self.recorder.conclude(
+                url,
+                "done",
+                None,
+                download_seconds=message.download_seconds,
+                process_seconds=message.process_seconds,
+            )
+            return
+        attempts = self.ledger.charge_failed_try(url, failure.reason) if failure.kind is Kind.TRANSIENT else 0
+        remaining = Task(task.url, task.video_id, left or task.clips, task.local)
+        match self.policy.decide(failure, attempts):
+            case WaitFor(failure=condition):
+                self._hold(condition)
+                self.ledger.set_pending(url)
+                self._queue(remaining, first=True)
+                logger.warning(f"{url}: waits ({condition.reason}); nothing charged")
+                self.on_event("url", {"url": url, "state": "pending", "error": condition.reason})
+            case RetryLater(delay_seconds=delay):
+                self.ledger.set_pending(url)
+                heapq.heappush(self.delayed, (time.monotonic() + delay, next(self._order), remaining))
+                self.recorder.totals.url_retries += 1
+                budget = self.policy.budget(failure)
+                logger.warning(
+                    f"{url}: {failure.reason}; try {attempts} of {budget} failed, tried again in {delay:.0f}s"
+                )
+                self.on_event("url", {"url": url, "state": "pending", "error": failure.reason})
+            case GiveUp(reason=reason, retryable=retryable):
+                self.recorder.conclude(url, "failed", reason, retryable=retryable)
+
+    def _hold(self, condition: Failure) -> None:
+        """A condition of a folder (its disk is full): nothing is handed out until it clears."""
+        if condition.scope is Scope.DISK and condition.where:
+            self.disk.hold(hold_for(Path(condition.where), condition.reason))
+            self.disk.blocked()  # says so now, once
+
+    def _show_conditions(self) -> None:
+        """Keeps the ledger's account of what the run waits for in step with the disk gate, for `status`."""
+        assert self.ledger is not None
+        reason = self.disk.reason
+        if reason == self._disk_said:
+            return
+        if reason is None:
+            self.ledger.clear_condition("disk")
+        else:
+            next_look = time.time() + self.disk.recheck_seconds
+            self.ledger.set_condition("disk", "space", reason, next_look, len(self.queue))
+        self._disk_said = reason
 
     def _handle_death(self, handle: _WorkerHandle) -> None:
         assert self.ledger is not None
@@ -397,15 +396,15 @@ class Supervisor:
                 reason = (
                     handle.stalled or f"worker died {crashes} times while processing this URL (last: {how})"
                 )
-                self._conclude(task.url, "failed", reason, retryable=False)
+                assert self.recorder is not None
+                self.recorder.conclude(task.url, "failed", reason, retryable=False)
             elif self.urgent:
                 self.ledger.set_pending(task.url)
             else:
                 what = handle.stalled or f"died ({how})"
                 logger.warning(f"worker {handle.index} {what} on {task.url}; the URL goes back in the queue")
                 self.ledger.set_pending(task.url)
-                self.queue.appendleft(task)
-                self._queued_urls.add(task.url)
+                self._queue(task, first=True)
         elif not handle.stop_sent:
             when = "while idle" if handle.ready_seen else "at start-up"
             logger.warning(f"worker {handle.index} died ({how}) {when}")
@@ -428,6 +427,14 @@ class Supervisor:
 
     def step(self, timeout: float = 0.5) -> None:
         """Start due workers, then handle whatever the workers said within `timeout` seconds."""
+        try:
+            self._step(timeout)
+        except LedgerError as exc:
+            self._ledger_failed(exc)
+            self._stop_all_workers(force=True)
+
+    def _step(self, timeout: float) -> None:
+        self._release_delayed()
         self._start_due_workers()
         if self.draining:
             for handle in self.workers.values():
@@ -445,6 +452,7 @@ class Supervisor:
         for handle in list(self.workers.values()):
             if handle.idle and self.queue and not self.draining:
                 self._assign(handle)
+        self._show_conditions()
         if not self.workers:
             time.sleep(min(timeout, 0.1))
             return
@@ -462,6 +470,13 @@ class Supervisor:
         # Last, once every message that arrived has been read: a long pause of the supervisor
         # itself (a huge list being queued) must not make its workers look stalled.
         self._kill_stalled()
+
+    def _release_delayed(self) -> None:
+        """URLs whose retry delay is over go to the back of the queue."""
+        now = time.monotonic()
+        while self.delayed and self.delayed[0][0] <= now:
+            _, _, task = heapq.heappop(self.delayed)
+            self._queue(task)
 
     def _kill_stalled(self) -> None:
         """Defence in depth: a worker with work and no sign of life for run.stall_seconds is killed.
@@ -487,7 +502,9 @@ class Supervisor:
 
     @property
     def busy(self) -> bool:
-        return bool(self.queue) or any(h.task is not None for h in self.workers.values())
+        return (
+            bool(self.queue) or bool(self.delayed) or any(h.task is not None for h in self.workers.values())
+        )
 
     def request_stop(self, urgent: bool = False) -> None:
         """First call: finish in-flight clips within the grace period. Second: stop now.
@@ -523,9 +540,12 @@ class Supervisor:
             if handle.link.alive():
                 handle.link.kill()
                 handle.link.join(timeout=5)
-            self._receive(handle)
-            if handle.task is not None and self.ledger is not None:
-                self.ledger.set_pending(handle.task.url)
+            try:
+                self._receive(handle)
+                if handle.task is not None and self.ledger is not None:
+                    self.ledger.set_pending(handle.task.url)
+            except LedgerError as exc:
+                self._ledger_failed(exc)  # the next run finds the URL 'running' and resumes it
             handle.link.close()
             shutil.rmtree(self.paths.worker_temp(handle.index), ignore_errors=True)
         self.workers.clear()

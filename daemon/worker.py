@@ -26,6 +26,7 @@ from daemon.clips import Clip
 from daemon.config import Settings
 from daemon.diskspace import DiskGate
 from daemon.download import DownloadFailure, download
+from daemon.failures import Scope, from_exception, permanent
 from daemon.messages import (
     Assign,
     ClipFinished,
@@ -51,9 +52,10 @@ HEARTBEAT_SECONDS = 1.0
 class _Reporter:
     """Sends clip results, frame counts and signs of life to the supervisor as they happen."""
 
-    def __init__(self, conn: WorkerChannel, url: str, output: OutputFormat) -> None:
+    def __init__(self, conn: WorkerChannel, url: str, video_id: str, output: OutputFormat) -> None:
         self.conn = conn
         self.url = url
+        self.video_id = video_id
         self.output = output
         self._frames = 0
         self._last_sent = time.monotonic()
@@ -75,12 +77,12 @@ class _Reporter:
         self.conn.send(Heartbeat(self.url, waiting_seconds=seconds))
 
     def clip_finished(self, result: ClipResult) -> None:
-        message = ClipFinished(self.url, result)
+        message = ClipFinished(self.url, self.video_id, result)
         if result.path and not result.error:
             # Read back once while the file is still in the page cache; the manifest lists it.
             with open(result.path, "rb") as handle:
                 digest = hashlib.file_digest(handle, "sha256").hexdigest()
-            message = ClipFinished(self.url, result, sha256=digest, output=self.output)
+            message = ClipFinished(self.url, self.video_id, result, sha256=digest, output=self.output)
         self.conn.send(message)
         if result.error:
             logger.warning(result.error)
@@ -149,8 +151,9 @@ class Worker:
 
     def handle(self, task: Task) -> None:
         """One URL: fetch it, read what it is, cut its clips, delete it; then say how it went."""
-        reporter = _Reporter(self.conn, task.url, self.output_format)
+        reporter = _Reporter(self.conn, task.url, task.video_id, self.output_format)
         download_seconds = process_seconds = 0.0
+        phase = "download"
         try:
             with logger.contextualize(stage="download"):
                 self._phase(task.url, "download")
@@ -159,6 +162,7 @@ class Worker:
                 download_seconds = 0.0 if task.local else time.monotonic() - started
                 self._probe(task, source)
             with logger.contextualize(stage="process"):
+                phase = "process"
                 self._phase(task.url, "process")
                 started = time.monotonic()
                 outcome = self.backends.cut(
@@ -172,17 +176,19 @@ class Worker:
                 reporter.flush()
                 process_seconds = time.monotonic() - started
             state = "interrupted" if outcome.interrupted else "done"
-            result = UrlFinished(task.url, state, None, False, download_seconds, process_seconds)
+            result = UrlFinished(task.url, state, None, download_seconds, process_seconds)
         except DownloadFailure as exc:
             logger.error(f"{task.url}: download failed ({exc.kind}): {exc.reason}")
-            result = UrlFinished(task.url, "failed", f"download: {exc.reason}", retryable=exc.transient)
+            result = UrlFinished(task.url, "failed", exc.failure(self.temp_dir))
         except SourceError as exc:
             logger.error(f"{task.url}: {exc}")
-            result = UrlFinished(task.url, "failed", f"source: {exc}", retryable=False)
+            result = UrlFinished(task.url, "failed", permanent(Scope.URL, f"source: {exc}"))
         except Exception as exc:  # noqa: BLE001 - one bad video must not end the worker
-            logger.error(f"{task.url}: unexpected {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-            error = f"internal: {type(exc).__name__}: {exc}"
-            result = UrlFinished(task.url, "failed", error, retryable=True)
+            folder = self.temp_dir if phase == "download" else self.output_dir / task.video_id
+            failure = from_exception(exc, Scope.URL, folder, phase)
+            trace = f"\n{traceback.format_exc()}" if failure.bug else ""
+            logger.error(f"{task.url}: {failure.reason}{trace}")
+            result = UrlFinished(task.url, "failed", failure)
         finally:
             self._clear_temp()
         self.conn.send(result)
