@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -44,12 +45,15 @@ class FolderLocks:
                 path = folder / lock_name
                 handle = try_exclusive_lock(path)
                 if handle is None:
-                    raise AlreadyLocked(f"another run is already using {folder}: {_holder(path)} (lock {path})")
-                handle.seek(0)
-                handle.truncate()
-                handle.write(holder + "\n")
-                handle.flush()
+                    raise AlreadyLocked(
+                        f"another run is already using {folder}: {_holder(path)} (lock {path})"
+                    )
                 self._handles.append(handle)
+                # Who holds it, for a refused start to name; the lock itself is the flock, so a
+                # full disk that cannot take these few bytes does not stop the run.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(handle.fileno(), 0)
+                    os.write(handle.fileno(), f"{holder}\n".encode())
         except BaseException:
             self.close()
             raise
@@ -57,7 +61,8 @@ class FolderLocks:
     def close(self) -> None:
         handles, self._handles = self._handles, []
         for handle in handles:
-            handle.close()
+            with contextlib.suppress(OSError):
+                handle.close()
 
 
 def _holder(path: Path) -> str:
@@ -66,3 +71,20 @@ def _holder(path: Path) -> str:
     except OSError:
         text = ""
     return text or "another process"
+
+
+def held_here(path: Path) -> bool:
+    """Whether the lock file at `path` names a holder alive on this machine (for readers, which
+    never take the lock themselves: a reader holding it for a moment would refuse a run's start)."""
+    words = _holder(path).split()
+    try:
+        pid = int(words[words.index("pid") + 1])
+        host = words[words.index("on") + 1]
+        if host != socket.gethostname():
+            return True  # another machine's: it cannot be checked from here, so trust it
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True

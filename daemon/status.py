@@ -6,12 +6,13 @@ import json
 import os
 import sqlite3
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.folders import STATUS_FILE
+from daemon.folders import LOCK_NAME, STATUS_FILE
 from daemon.ledger import URL_STATES, Ledger
+from daemon.locking import held_here
 
 
 class StatusError(Exception):
@@ -50,6 +51,18 @@ class ErrorRow:
 
 
 @dataclass(frozen=True)
+class WaitingOn:
+    """A condition the run waits for: a full disk, a site that blocks us."""
+
+    scope: str  # "disk" or "site"
+    key: str
+    reason: str
+    since: float  # Unix time
+    next_try: float | None  # Unix time
+    waiting: int  # URLs held back
+
+
+@dataclass(frozen=True)
 class Status:
     ledger: str
     counts: dict[str, int]
@@ -58,6 +71,7 @@ class Status:
     throughput: Throughput
     errors: list[ErrorRow]
     service: dict[str, Any] | None  # what a running service last published; None when none runs
+    conditions: list[WaitingOn] = field(default_factory=list)  # what the run waits for now
 
     def as_json(self) -> dict[str, Any]:
         document = asdict(self)
@@ -92,6 +106,10 @@ def read_status(ledger_path: Path, minutes: float = 10.0, error_count: int = 5) 
             ended = ledger.urls_ended_since(since)
             clips = ledger.clip_totals_since(since)
             errors = [ErrorRow(url, error, at) for url, error, at in ledger.recent_errors(error_count)]
+            conditions = [
+                WaitingOn(c.scope, c.key, c.reason, c.since, c.next_try, c.waiting)
+                for c in ledger.conditions()
+            ]
         finally:
             ledger.close()
     except sqlite3.Error as exc:
@@ -105,6 +123,8 @@ def read_status(ledger_path: Path, minutes: float = 10.0, error_count: int = 5) 
         throughput=throughput,
         errors=errors,
         service=_service_state(ledger_path.parent),
+        # What a run that is no longer alive waited for says nothing now.
+        conditions=conditions if held_here(ledger_path.parent / LOCK_NAME) else [],
     )
 
 
@@ -124,6 +144,12 @@ def format_status(status: Status) -> str:
         + ", ".join(f"{state} {count}" for state, count in status.counts.items())
         + f"; list lines rejected {status.rejected_lines}"
     )
+    for condition in status.conditions:
+        next_try = f"; next try in {_ago(2 * time.time() - condition.next_try)}" if condition.next_try else ""
+        lines.append(
+            f"paused ({condition.scope} {condition.key}) for {_ago(condition.since)}: {condition.reason}"
+            f"{next_try}"
+        )
     if status.workers:
         for worker in status.workers:
             on = f" on {worker.node}" if worker.node else ""
