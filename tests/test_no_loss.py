@@ -388,4 +388,7 @@ def test_two_sources_with_one_video_id_never_overwrite_each_other(
     )
     again = run_cli(workspace, "--workers", "2")  # the same ids on every run
     assert again.returncode == 0 and "clips written 0" in again.stderr, again.stderr
-    assert clip_names(workspace["out"]) == sorted(p.name for p in workspace["out"].glob("*/*.hevc"))
+    assert clip_names(workspace["out"]) == [
+        f"{distinct(second)}_0000040_0000060.hevc",
+        "walk_0000000_0000010.hevc",
+    ]
