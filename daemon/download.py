@@ -105,7 +105,8 @@ def classify(url: str, exc: BaseException) -> DownloadFailure:
 
     chain = _chain(exc)
     message = _clean(str(exc)) or type(exc).__name__
-    if any(is_disk_full(item) for item in chain):
+    # yt-dlp reports a failed write as a message; the OSError may or may not travel with it.
+    if any(is_disk_full(item) for item in chain) or "no space left on device" in message.lower():
         return DownloadFailure(url, f"no space left for the download: {message}", "disk_full")
     for item in chain:
         if isinstance(item, HTTPError):

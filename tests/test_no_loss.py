@@ -158,6 +158,39 @@ def test_a_full_output_disk_pauses_the_run_and_every_clip_is_made_once_space_ret
         assert {r["state"] for r in ledger_rows(ledger, "clips")} == {"done"}
 
 
+def test_a_full_temp_disk_pauses_downloads_without_failing_or_charging_the_url(
+    server: MediaServer, workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    state, logs = tmp_path / "state", tmp_path / "logs"
+    workspace["config"].write_text(DISK_CONFIG.format(state=state, logs=logs))
+    url = server.add("big.mp4", make_video(workspace["media"] / "big.mp4", frames=120))
+    workspace["urls"].write_text(f"{url}\n")
+    (workspace["clips"] / "big.txt").write_text("0 30\n90 120\n")
+    with small_disk(workspace["temp"], "2m") as temp:
+        filler = fill(temp)
+        run = subprocess.Popen(
+            cli_command(workspace, "--workers", "1"),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            log = logs / "supervisor.log"
+            wait_for("the pause", lambda: log.exists() and "downloads paused" in log.read_text(), 120)
+            assert "no space left" in log.read_text()
+            filler.unlink()
+            _, stderr = run.communicate(timeout=180)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.communicate()
+    assert run.returncode == 0, stderr
+    assert clip_names(workspace["out"]) == ["big_0000000_0000030.hevc", "big_0000090_0000120.hevc"]
+    (row,) = ledger_rows(state / "ledger.sqlite")
+    assert (row["state"], row["failed_tries"]) == ("done", 0)
+
+
 def test_a_ledger_that_cannot_be_created_stops_the_run_in_one_line_and_the_next_run_is_whole(
     server: MediaServer, workspace: dict[str, Path], tmp_path: Path
 ) -> None:
