@@ -22,6 +22,8 @@ LINE_FORMAT = (
     "{extra[stage]} | {message}"
 )
 CONSOLE_FORMAT = "<level>{level: <7}</level> | {extra[worker]} | {extra[video_id]} | {message}"
+# loguru's levels, lowest first (CRITICAL is never written by the program, but can be asked for).
+LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 
 
 def worker_log_path(log_dir: Path, index: int) -> Path:
@@ -117,6 +119,34 @@ def line_time(line: str) -> float | None:
         except (ValueError, KeyError, TypeError):
             return None
     return None
+
+
+def record_level(text: str) -> str | None:
+    """The level of a record (text or JSON), or None when it names none."""
+    if text.startswith("{"):
+        try:
+            return str(json.loads(text.splitlines()[0])["record"]["level"]["name"])
+        except (ValueError, KeyError, TypeError, IndexError):
+            return None
+    fields = text.split(" | ", 2)
+    return fields[1].strip() if len(fields) > 2 else None
+
+
+class RecordFilter:
+    """--since and --level: which records `logs` prints."""
+
+    def __init__(self, since: float | None = None, level: str | None = None) -> None:
+        self.since = since
+        self.lowest = LEVELS.index(level) if level else 0
+
+    def __call__(self, record: tuple[float, str]) -> bool:
+        stamp, text = record
+        if self.since is not None and stamp < self.since:
+            return False
+        if self.lowest:
+            level = record_level(text)
+            return level in LEVELS and LEVELS.index(level) >= self.lowest
+        return True
 
 
 class _Records:
@@ -216,8 +246,19 @@ class _Tail:
         return found
 
 
-def show_logs(log_dir: Path, worker: int | None, follow: bool, out: TextIO = sys.stdout) -> int:
-    """Every process's log, merged by time (or one worker's); with `follow`, new lines as they come."""
+def show_logs(
+    log_dir: Path,
+    worker: int | None,
+    follow: bool,
+    out: TextIO = sys.stdout,
+    since: float | None = None,
+    level: str | None = None,
+) -> int:
+    """Every process's log, merged by time (or one worker's); with `follow`, new lines as they come.
+
+    A closed reader (`logs | head`) raises BrokenPipeError, which the command line turns into a
+    quiet exit."""
+    wanted = RecordFilter(since, level)
     streams = log_streams(log_dir, worker)
     if worker is not None and not follow and f"worker-{worker}" not in streams:
         print(f"no log for worker {worker} in {log_dir}", file=sys.stderr)
@@ -227,7 +268,7 @@ def show_logs(log_dir: Path, worker: int | None, follow: bool, out: TextIO = sys
         return 1
     if not follow:
         merged = heapq.merge(*(_Records()(_lines(files)) for files in streams.values()), key=lambda r: r[0])
-        for _, text in merged:
+        for _, text in filter(wanted, merged):
             out.write(text)
         out.flush()
         return 0
@@ -246,7 +287,7 @@ def show_logs(log_dir: Path, worker: int | None, follow: bool, out: TextIO = sys
     if worker is not None and f"worker-{worker}" not in tails:
         tails[f"worker-{worker}"] = _Tail(worker_log_path(log_dir, worker))
     try:
-        for _, text in heapq.merge(*first, key=lambda r: r[0]):
+        for _, text in filter(wanted, heapq.merge(*first, key=lambda r: r[0])):
             out.write(text)
         out.flush()
         while True:
@@ -260,7 +301,7 @@ def show_logs(log_dir: Path, worker: int | None, follow: bool, out: TextIO = sys
                 continue
             # Sorted by time within what arrived together; the sort is stable, so equal times keep
             # the supervisor first and each file's own order.
-            for _, text in sorted(batch, key=lambda r: r[0]):
+            for _, text in filter(wanted, sorted(batch, key=lambda r: r[0])):
                 out.write(text)
             out.flush()
     except KeyboardInterrupt:
