@@ -11,9 +11,12 @@ import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from loguru import logger
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 from daemon.config import RunSettings
 
@@ -34,6 +37,35 @@ def supervisor_log_path(log_dir: Path) -> Path:
     return log_dir / "supervisor.log"
 
 
+class ConsoleSink:
+    """The terminal's log sink. While a live progress display holds the terminal, records go through
+    its console, which prints them above the bar, each on its own line; otherwise straight to the
+    stream. (Two writers on one terminal glue a record onto the bar, or the bar's redraw erases it.)"""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.live: Console | None = None
+
+    def write(self, message: Any) -> None:
+        live = self.live
+        if live is not None:
+            from rich.text import Text
+
+            live.print(Text.from_ansi(str(message).rstrip("\n")), soft_wrap=True, highlight=False)
+            return
+        self.stream.write(str(message))
+        self.stream.flush()
+
+
+_console_sink: ConsoleSink | None = None
+
+
+def route_console_through(console: Console | None) -> None:
+    """Send terminal log records through `console` (a live display's), or, with None, straight on."""
+    if _console_sink is not None:
+        _console_sink.live = console
+
+
 def configure(
     name: str,
     log_file: Path | None,
@@ -45,7 +77,9 @@ def configure(
     console_level: str | None = None,
 ) -> None:
     """(Re)configure loguru for this process: a rotated file, and optionally the terminal."""
+    global _console_sink
     logger.remove()
+    _console_sink = None
     logger.configure(extra={"worker": name, "video_id": "-", "stage": "-"})
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +94,13 @@ def configure(
             encoding="utf-8",
         )
     if console is not None:
-        logger.add(console, level=console_level or level, format=CONSOLE_FORMAT, colorize=console.isatty())
+        _console_sink = ConsoleSink(console)
+        logger.add(
+            _console_sink.write,
+            level=console_level or level,
+            format=CONSOLE_FORMAT,
+            colorize=console.isatty(),
+        )
 
 
 def configure_from_settings(
