@@ -456,3 +456,25 @@ def test_serve_first_says_what_it_loaded(tmp_path: Path) -> None:
     first = log.read_text().splitlines()[0]
     assert f"config {config}; stages resize; 2 worker(s), each cpu (" in first, first
     assert "SIGHUP: finishing in-flight clips, then stopping" in err
+
+
+def test_the_service_report_names_clip_errors_and_its_status_says_since_when(
+    tmp_path: Path, server: MediaServer
+) -> None:
+    from test_service import Workspace
+
+    ws = Workspace(tmp_path, server)
+    good = ws.video("good", [(0, 10)])
+    short = ws.video("short", [(0, 10), (30, 90)], frames=40)  # 30 90 runs past the end
+    service = ws.start()
+    try:
+        ws.drop("mixed.txt", [good, short])
+        report = wait_for("mixed.txt in failed/", lambda: ws.filed("failed", "mixed.txt"))
+        assert "result: failed: 2 URL(s): 1 done, 1 partial, 0 skipped, 0 failed; 1 clip error(s)" in report
+        assert f"done\t{good}\n" in report
+        assert f"partial\t{short}\n" in report
+        assert re.search(rf"clip error\t{re.escape(short)}\t30 90: .*past the end", report), report
+        shown = run_module("status", "-o", str(ws.out), cwd=ws.root).stdout
+        assert "since start: done 2, failed 0, skipped 0, clip errors 1" in shown, shown
+    finally:
+        assert ws.stop(service, signal.SIGTERM) == 0
