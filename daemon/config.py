@@ -64,6 +64,24 @@ class RunSettings(_Section):
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("log_rotation")
+    @classmethod
+    def _rotation(cls, value: str) -> str:
+        """Parsed by loguru itself, on a sink that opens no file, so what it refuses stops start-up."""
+        import tempfile
+
+        from loguru import logger
+
+        with tempfile.TemporaryDirectory(prefix="download_and_process-") as folder:
+            try:
+                handler = logger.add(Path(folder) / "check.log", rotation=value, delay=True)
+            except (ValueError, TypeError):
+                raise ValueError(
+                    f"{value!r} is not a rotation loguru knows, e.g. '50 MB', '1 day', '00:00'"
+                ) from None
+            logger.remove(handler)
+        return value
+
 
 class ClipSettings(_Section):
     clip_fps: float = Field(30.0, gt=0)
@@ -83,9 +101,14 @@ class OutputSettings(_Section):
         return self
 
 
+X265Preset = Literal[
+    "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo"
+]
+
+
 class EncodeSettings(_Section):
     codec: Literal["auto", "cpu", "gpu"] = "auto"
-    preset: str = "fast"
+    preset: X265Preset = "fast"
     crf: float = Field(23.0, ge=0, le=51)
     max_bitrate_kbps: int = Field(4000, ge=100)
     buffer_kbits: int = Field(8000, ge=100)
@@ -101,6 +124,11 @@ class EncodeSettings(_Section):
     parallel_clips: int = Field(0, ge=0, le=256)
     nvenc_preset: Literal["p1", "p2", "p3", "p4", "p5", "p6", "p7"] = "p4"
     nvenc_tuning: Literal["hq", "uhq", "ll", "ull", "lossless"] = "hq"
+
+    @field_validator("preset", mode="before")
+    @classmethod
+    def _preset_lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("nvenc_preset", "nvenc_tuning", mode="before")
     @classmethod

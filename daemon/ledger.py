@@ -493,6 +493,20 @@ class Ledger:
         )
         return [(r["url"], r["error"], r["at"]) for r in rows]
 
+    def failures(self) -> list[tuple[str, int | None, int | None, str, float]]:
+        """(url, start_frame, end_frame, error, Unix time) of every failed URL (frames None) and every
+        failed clip, oldest first: `status --failed`."""
+        rows = self._db.execute(
+            "SELECT url, start_frame, end_frame, error, at FROM ("
+            " SELECT url, NULL AS start_frame, NULL AS end_frame, COALESCE(error, '') AS error,"
+            "  COALESCE(finished_at, added_at) AS at FROM urls WHERE state = 'failed'"
+            " UNION ALL"
+            " SELECT url, start_frame, end_frame, COALESCE(error, ''), finished_at FROM clips"
+            "  WHERE state = 'failed'"
+            ") ORDER BY at, url, start_frame"
+        )
+        return [(r["url"], r["start_frame"], r["end_frame"], r["error"], r["at"]) for r in rows]
+
     # --- clips ------------------------------------------------------------------------------
 
     def record_clip(

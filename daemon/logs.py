@@ -11,9 +11,12 @@ import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from loguru import logger
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 from daemon.config import RunSettings
 
@@ -22,6 +25,8 @@ LINE_FORMAT = (
     "{extra[stage]} | {message}"
 )
 CONSOLE_FORMAT = "<level>{level: <7}</level> | {extra[worker]} | {extra[video_id]} | {message}"
+# loguru's levels, lowest first (CRITICAL is never written by the program, but can be asked for).
+LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 
 
 def worker_log_path(log_dir: Path, index: int) -> Path:
@@ -30,6 +35,35 @@ def worker_log_path(log_dir: Path, index: int) -> Path:
 
 def supervisor_log_path(log_dir: Path) -> Path:
     return log_dir / "supervisor.log"
+
+
+class ConsoleSink:
+    """The terminal's log sink. While a live progress display holds the terminal, records go through
+    its console, which prints them above the bar, each on its own line; otherwise straight to the
+    stream. (Two writers on one terminal glue a record onto the bar, or the bar's redraw erases it.)"""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.live: Console | None = None
+
+    def write(self, message: Any) -> None:
+        live = self.live
+        if live is not None:
+            from rich.text import Text
+
+            live.print(Text.from_ansi(str(message).rstrip("\n")), soft_wrap=True, highlight=False)
+            return
+        self.stream.write(str(message))
+        self.stream.flush()
+
+
+_console_sink: ConsoleSink | None = None
+
+
+def route_console_through(console: Console | None) -> None:
+    """Send terminal log records through `console` (a live display's), or, with None, straight on."""
+    if _console_sink is not None:
+        _console_sink.live = console
 
 
 def configure(
@@ -43,7 +77,9 @@ def configure(
     console_level: str | None = None,
 ) -> None:
     """(Re)configure loguru for this process: a rotated file, and optionally the terminal."""
+    global _console_sink
     logger.remove()
+    _console_sink = None
     logger.configure(extra={"worker": name, "video_id": "-", "stage": "-"})
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -58,7 +94,13 @@ def configure(
             encoding="utf-8",
         )
     if console is not None:
-        logger.add(console, level=console_level or level, format=CONSOLE_FORMAT, colorize=console.isatty())
+        _console_sink = ConsoleSink(console)
+        logger.add(
+            _console_sink.write,
+            level=console_level or level,
+            format=CONSOLE_FORMAT,
+            colorize=console.isatty(),
+        )
 
 
 def configure_from_settings(
@@ -117,6 +159,34 @@ def line_time(line: str) -> float | None:
         except (ValueError, KeyError, TypeError):
             return None
     return None
+
+
+def record_level(text: str) -> str | None:
+    """The level of a record (text or JSON), or None when it names none."""
+    if text.startswith("{"):
+        try:
+            return str(json.loads(text.splitlines()[0])["record"]["level"]["name"])
+        except (ValueError, KeyError, TypeError, IndexError):
+            return None
+    fields = text.split(" | ", 2)
+    return fields[1].strip() if len(fields) > 2 else None
+
+
+class RecordFilter:
+    """--since and --level: which records `logs` prints."""
+
+    def __init__(self, since: float | None = None, level: str | None = None) -> None:
+        self.since = since
+        self.lowest = LEVELS.index(level) if level else 0
+
+    def __call__(self, record: tuple[float, str]) -> bool:
+        stamp, text = record
+        if self.since is not None and stamp < self.since:
+            return False
+        if self.lowest:
+            level = record_level(text)
+            return level in LEVELS and LEVELS.index(level) >= self.lowest
+        return True
 
 
 class _Records:
@@ -216,8 +286,19 @@ class _Tail:
         return found
 
 
-def show_logs(log_dir: Path, worker: int | None, follow: bool, out: TextIO = sys.stdout) -> int:
-    """Every process's log, merged by time (or one worker's); with `follow`, new lines as they come."""
+def show_logs(
+    log_dir: Path,
+    worker: int | None,
+    follow: bool,
+    out: TextIO = sys.stdout,
+    since: float | None = None,
+    level: str | None = None,
+) -> int:
+    """Every process's log, merged by time (or one worker's); with `follow`, new lines as they come.
+
+    A closed reader (`logs | head`) raises BrokenPipeError, which the command line turns into a
+    quiet exit."""
+    wanted = RecordFilter(since, level)
     streams = log_streams(log_dir, worker)
     if worker is not None and not follow and f"worker-{worker}" not in streams:
         print(f"no log for worker {worker} in {log_dir}", file=sys.stderr)
@@ -227,7 +308,7 @@ def show_logs(log_dir: Path, worker: int | None, follow: bool, out: TextIO = sys
         return 1
     if not follow:
         merged = heapq.merge(*(_Records()(_lines(files)) for files in streams.values()), key=lambda r: r[0])
-        for _, text in merged:
+        for _, text in filter(wanted, merged):
             out.write(text)
         out.flush()
         return 0
@@ -246,7 +327,7 @@ def show_logs(log_dir: Path, worker: int | None, follow: bool, out: TextIO = sys
     if worker is not None and f"worker-{worker}" not in tails:
         tails[f"worker-{worker}"] = _Tail(worker_log_path(log_dir, worker))
     try:
-        for _, text in heapq.merge(*first, key=lambda r: r[0]):
+        for _, text in filter(wanted, heapq.merge(*first, key=lambda r: r[0])):
             out.write(text)
         out.flush()
         while True:
@@ -260,7 +341,7 @@ def show_logs(log_dir: Path, worker: int | None, follow: bool, out: TextIO = sys
                 continue
             # Sorted by time within what arrived together; the sort is stable, so equal times keep
             # the supervisor first and each file's own order.
-            for _, text in sorted(batch, key=lambda r: r[0]):
+            for _, text in filter(wanted, sorted(batch, key=lambda r: r[0])):
                 out.write(text)
             out.flush()
     except KeyboardInterrupt:

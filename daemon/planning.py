@@ -22,7 +22,8 @@ class Planned:
     """Clips to make: hand `task` to a worker."""
 
     task: Task
-    problems: list[str]  # the clip file's rejected lines, one line each
+    problems: list[str]  # the clip file's rejected lines, one line each (the first few, then a count)
+    rejected_lines: int = 0  # all of them
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Settled:
     error: str | None
     problems: list[str]
     recorded: bool = False  # the ledger already says so (a failure from an earlier run)
+    rejected_lines: int = 0
 
 
 def distinct_video_id(video_id: str, url: str) -> str:
@@ -71,17 +73,18 @@ class Planner:
         video_id = self.video_id(source)
         clip_path = clip_file_path(self.clip_dir, video_id)
         try:
-            clip_file = read_clip_file(clip_path)
+            clip_file = read_clip_file(clip_path, self.clip_dir)
         except FileNotFoundError:
             return Settled("skipped", f"no clip file {clip_path}", [])
         except (OSError, UnicodeDecodeError) as exc:
             return Settled("failed", f"cannot read clip file {clip_path}: {exc}", [])
         if not clip_file.clips:
-            return Settled("skipped", f"clip file {clip_path} has no valid clip line", clip_file.problems)
+            reason = f"clip file {clip_path} has no valid clip line"
+            return Settled("skipped", reason, clip_file.problems, rejected_lines=clip_file.rejected_lines)
         made, impossible = self.finished_clips(video_id)
         missing = [clip for clip in clip_file.clips if clip not in made and clip not in impossible]
         if not missing:
-            return Settled("done", None, clip_file.problems)
+            return Settled("done", None, clip_file.problems, rejected_lines=clip_file.rejected_lines)
         if made or impossible:
             past = f", {len(impossible)} past the end of the source" if impossible else ""
             logger.info(f"{video_id}: {len(made)} clip(s) already made{past}, {len(missing)} to make")
@@ -96,7 +99,7 @@ class Planner:
             clips=tuple((c.start_frame, c.end_frame) for c in missing),
             local=source.is_local,
         )
-        return Planned(task, clip_file.problems)
+        return Planned(task, clip_file.problems, clip_file.rejected_lines)
 
     def finished_clips(self, video_id: str) -> tuple[set[Clip], set[Clip]]:
         """Clips made (and still on disk), and clips that can never be made (past the source's end).

@@ -11,6 +11,8 @@ from loguru import logger
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from daemon import logs
+
 
 class FrameRate:
     """Frames per second over a sliding window."""
@@ -56,6 +58,7 @@ class ProgressView:
             )
             self._task = self._progress.add_task("urls", total=total_urls, clips=0, fps=0.0)
             self._progress.start()
+            logs.route_console_through(self.console)
 
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "url" and data.get("state") in ("done", "skipped", "failed"):
@@ -86,3 +89,4 @@ class ProgressView:
     def stop(self) -> None:
         if self._progress is not None:
             self._progress.stop()
+            logs.route_console_through(None)

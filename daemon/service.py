@@ -227,6 +227,7 @@ class ListRun:
     urls: list[str] = field(default_factory=list)
     outcomes: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    clip_errors: dict[str, list[str]] = field(default_factory=dict)  # url -> "start end: error" per clip
     claimed_at: str = field(default_factory=_now_text)
 
     @property
@@ -235,23 +236,35 @@ class ListRun:
 
     @property
     def failed(self) -> bool:
-        return bool(self.problems) or any(state == "failed" for state, _ in self.outcomes.values())
+        return (
+            bool(self.problems)
+            or bool(self.clip_errors)
+            or any(state == "failed" for state, _ in self.outcomes.values())
+        )
+
+    def state_of(self, url: str) -> str:
+        """done, skipped or failed as the ledger has it; `partial` for a URL done with failed clips."""
+        state = self.outcomes[url][0]
+        return "partial" if state == "done" and self.clip_errors.get(url) else state
 
     def report(self) -> str:
-        counts = {state: 0 for state in ("done", "skipped", "failed")}
-        for state, _ in self.outcomes.values():
-            counts[state] += 1
+        counts = {state: 0 for state in ("done", "partial", "skipped", "failed")}
+        for url in self.urls:
+            counts[self.state_of(url)] += 1
+        clip_errors = sum(len(errors) for errors in self.clip_errors.values())
         lines = [
             f"list: {self.path.name}",
             f"claimed: {self.claimed_at}",
             f"finished: {_now_text()}",
             f"result: {'failed' if self.failed else 'done'}: {len(self.urls)} URL(s): "
-            + ", ".join(f"{count} {state}" for state, count in counts.items()),
+            + ", ".join(f"{count} {state}" for state, count in counts.items())
+            + f"; {clip_errors} clip error(s)",
         ]
         lines += [f"rejected line: {problem}" for problem in self.problems]
         for url in self.urls:
-            state, error = self.outcomes[url]
-            lines.append(f"{state}\t{url}" + (f"\t{error}" if error else ""))
+            _, error = self.outcomes[url]
+            lines.append(f"{self.state_of(url)}\t{url}" + (f"\t{error}" if error else ""))
+            lines += [f"clip error\t{url}\t{clip}" for clip in self.clip_errors.get(url, [])]
         return "\n".join(lines) + "\n"
 
 
@@ -312,6 +325,10 @@ class Service:
         if kind == "url" and data["state"] in ("done", "skipped", "failed"):
             for run in self.lists_by_url.get(data["url"], []):
                 run.outcomes[data["url"]] = (data["state"], data.get("error"))
+        elif kind == "clip" and data.get("error"):
+            clip = f"{data['start_frame']} {data['end_frame']}: {data['error']}"
+            for run in self.lists_by_url.get(data["url"], []):
+                run.clip_errors.setdefault(data["url"], []).append(clip)
 
     # --- lists --------------------------------------------------------------------------------
 
@@ -363,10 +380,12 @@ class Service:
         if supervisor.draining:
             return "stopping: finishing in-flight clips" if not supervisor.urgent else "stopping now"
         running = sum(1 for h in supervisor.workers.values() if h.task is not None)
+        ended = supervisor.totals.urls
+        # Since this service started; the ledger's counts (`status`'s URLs: line) are over all time.
         text = (
             f"{len(self.lists)} list(s) open; {len(supervisor.queue)} URL(s) queued, {running} running; "
-            f"done {supervisor.totals.urls['done']}, failed {supervisor.totals.urls['failed']}, "
-            f"skipped {supervisor.totals.urls['skipped']}"
+            f"since start: done {ended['done']}, failed {ended['failed']}, skipped {ended['skipped']}, "
+            f"clip errors {supervisor.totals.clips_failed}"
         )
         if supervisor.disk.reason:
             text = f"downloads paused: {supervisor.disk.reason}; {text}"

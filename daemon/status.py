@@ -37,10 +37,29 @@ class Throughput:
     clip_errors: int
     frames: int
     bytes: int
+    # Of the window, the seconds work went on: from the first URL started in it (or the window's
+    # start) to its last clip written (or now, while a worker is busy). A 40 s run is not averaged
+    # over the 10 minutes it did not run.
+    busy_seconds: float = 0.0
 
     @property
     def frames_per_second(self) -> float:
-        return self.frames / (self.minutes * 60)
+        # At least a second: a clip finished a moment after its URL started is not a rate.
+        return self.frames / max(self.busy_seconds, 1.0) if self.frames else 0.0
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A failed URL (start_frame None) or a failed clip of a URL, with its reason."""
+
+    url: str
+    start_frame: int | None
+    end_frame: int | None
+    error: str
+    at: float  # Unix time
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -105,6 +124,7 @@ def read_status(ledger_path: Path, minutes: float = 10.0, error_count: int = 5) 
             ]
             ended = ledger.urls_ended_since(since)
             clips = ledger.clip_totals_since(since)
+            busy = _busy_seconds(ledger_path, since, now, bool(workers))
             errors = [ErrorRow(url, error, at) for url, error, at in ledger.recent_errors(error_count)]
             conditions = [
                 WaitingOn(c.scope, c.key, c.reason, c.since, c.next_try, c.waiting)
@@ -114,7 +134,7 @@ def read_status(ledger_path: Path, minutes: float = 10.0, error_count: int = 5) 
             ledger.close()
     except sqlite3.Error as exc:
         raise StatusError(f"cannot read the ledger {ledger_path}: {exc}") from exc
-    throughput = Throughput(minutes, ended, clips.written, clips.failed, clips.frames, clips.bytes)
+    throughput = Throughput(minutes, ended, clips.written, clips.failed, clips.frames, clips.bytes, busy)
     return Status(
         ledger=str(ledger_path),
         counts={state: counts.get(state, 0) for state in URL_STATES},
@@ -126,6 +146,49 @@ def read_status(ledger_path: Path, minutes: float = 10.0, error_count: int = 5) 
         # What a run that is no longer alive waited for says nothing now.
         conditions=conditions if held_here(ledger_path.parent / LOCK_NAME) else [],
     )
+
+
+def _busy_seconds(ledger_path: Path, since: float, now: float, running: bool) -> float:
+    """The seconds of [since, now] work went on (see Throughput.busy_seconds)."""
+    db = sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True, timeout=30)
+    try:
+        first, last_url = db.execute(
+            "SELECT MIN(started_at), MAX(finished_at) FROM urls"
+            " WHERE started_at IS NOT NULL AND (state = 'running' OR finished_at >= ?)",
+            (since,),
+        ).fetchone()
+        (last_clip,) = db.execute(
+            "SELECT MAX(finished_at) FROM clips WHERE finished_at >= ?", (since,)
+        ).fetchone()
+    finally:
+        db.close()
+    if first is None:
+        return 0.0
+    end = now if running else max(value for value in (last_url, last_clip, first) if value is not None)
+    return max(0.0, min(end, now) - max(first, since))
+
+
+def read_failures(ledger_path: Path) -> list[Failure]:
+    """Every failed URL and clip, oldest first, each with its reason."""
+    if not ledger_path.is_file():
+        raise StatusError(f"no ledger at {ledger_path}; give --output-dir or --state-dir of a run")
+    try:
+        ledger = Ledger(ledger_path, readonly=True)
+        try:
+            return [Failure(*row) for row in ledger.failures()]
+        finally:
+            ledger.close()
+    except sqlite3.Error as exc:
+        raise StatusError(f"cannot read the ledger {ledger_path}: {exc}") from exc
+
+
+def format_failures(failures: list[Failure]) -> str:
+    urls = sum(1 for failure in failures if failure.start_frame is None)
+    lines = [f"failed: {urls} URL(s), {len(failures) - urls} clip(s)"]
+    for failure in failures:
+        clip = "" if failure.start_frame is None else f" clip {failure.start_frame} {failure.end_frame}"
+        lines.append(f"{failure.url}{clip}: {failure.error}")
+    return "\n".join(lines)
 
 
 def _ago(at: float) -> str:
@@ -162,7 +225,8 @@ def format_status(status: Status) -> str:
     t = status.throughput
     lines.append(
         f"last {t.minutes:g} min: {t.urls_ended} URL(s) ended, {t.clips_written} clip(s) written, "
-        f"{t.clip_errors} clip error(s), {t.frames} frames ({t.frames_per_second:.1f}/s), "
+        f"{t.clip_errors} clip error(s), {t.frames} frames "
+        f"({t.frames_per_second:.1f}/s over {t.busy_seconds:.0f}s busy), "
         f"{t.bytes / 1e6:.1f} MB"
     )
     if status.errors:

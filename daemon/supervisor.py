@@ -214,7 +214,7 @@ class Supervisor:
         for problem in plan.problems:
             logger.warning(problem)
             self.on_event("problem", {"message": problem})
-        self.recorder.totals.rejected_clip_lines += len(plan.problems)
+        self.recorder.totals.rejected_clip_lines += plan.rejected_lines
         if not isinstance(plan, Planned):
             return self.recorder.conclude(source.url, plan.state, plan.error, update=not plan.recorded)
         self._queue(plan.task)
@@ -552,8 +552,27 @@ class Supervisor:
 
 
 def install_signal_handlers(supervisor: Supervisor) -> None:
+    """SIGTERM, SIGINT and SIGHUP (a closed terminal or SSH session) stop the run the same way: in-flight
+    clips finish, then the workers stop and their downloads are removed. A second signal stops at once."""
+    import os
+
+    # Known now: once the terminal hangs up, isatty() on it fails too.
+    terminal_fds = [fd for fd in (1, 2) if os.isatty(fd)]
+
+    def detach_hung_up_terminal() -> None:
+        # Writes to a hung-up terminal fail (EIO): what was the terminal goes to /dev/null from here
+        # on, so the stop goes on quietly and the log file still gets every line.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            for fd in terminal_fds:
+                os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+
     def handler(signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            detach_hung_up_terminal()
         if supervisor.draining:
             logger.warning(f"{name} again: stopping at once")
             supervisor.request_stop(urgent=True)
@@ -563,6 +582,7 @@ def install_signal_handlers(supervisor: Supervisor) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGHUP, handler)
 
 
 def start_launcher(settings: Settings) -> Launcher:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import re
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from yt_dlp.extractor.generic import GenericIE
 from yt_dlp.extractor.youtube import YoutubeIE
+
+from daemon.textfiles import shown, text_lines
 
 # yt-dlp names files after the id; a clip file name must not be able to escape the clip folder.
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]")
@@ -38,7 +42,8 @@ class Rejected:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.list_path}:{self.line}: {self.reason}: {self.text!r}"
+        where = f"{self.list_path}:{self.line}: {self.reason}"
+        return f"{where}: {shown(self.text)}" if self.text else where
 
 
 @dataclass(frozen=True)
@@ -64,15 +69,26 @@ def video_id_for(url: str) -> str:
     return cleaned or "video"
 
 
-def parse_url_list(path: Path, text: str | None = None) -> UrlList:
-    """Read a URL list. Bad lines are reported as `file:line: reason` and skipped."""
-    if text is None:
-        text = path.read_text(encoding="utf-8")
+MAX_URL_LINE_BYTES = 8 * 1024  # the longest URLs browsers and servers take are about this long
+
+
+def read_url_list(path: Path, handle: BinaryIO, base_dir: Path | None = None) -> UrlList:
+    """Read a URL list from an open binary stream (a file, a pipe, stdin), once, to its end.
+
+    Bad lines are reported as `file:line: reason` and skipped; each line is decoded on its own, a
+    byte-order mark and CRLF line ends are accepted, and no line is kept past MAX_URL_LINE_BYTES.
+    Relative local paths are taken from `base_dir`, by default the list's folder.
+    """
+    base = base_dir if base_dir is not None else path.parent
     sources: list[Source] = []
     rejected: list[Rejected] = []
     seen: set[str] = set()
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
+    for text_line in text_lines(handle, MAX_URL_LINE_BYTES):
+        number = text_line.number
+        if text_line.text is None:
+            rejected.append(Rejected(str(path), number, "", str(text_line.problem)))
+            continue
+        line = text_line.text.strip()
         if not line or line.startswith("#"):
             continue
         if line.startswith(("http://", "https://")):
@@ -82,11 +98,15 @@ def parse_url_list(path: Path, text: str | None = None) -> UrlList:
                 continue
             url = line
         else:
-            candidate = Path(line).expanduser()
-            if not candidate.is_absolute():
-                candidate = (path.parent / candidate).resolve()
-            # A named pipe is a source too: another program can stream a video into it.
-            if not (candidate.is_file() or candidate.is_fifo()):
+            try:
+                candidate = Path(line).expanduser()
+                if not candidate.is_absolute():
+                    candidate = (base / candidate).resolve()
+                # A named pipe is a source too: another program can stream a video into it.
+                exists = candidate.is_file() or candidate.is_fifo()
+            except (OSError, ValueError, RuntimeError):  # a name too long, a NUL byte, a symlink loop
+                exists = False
+            if not exists:
                 rejected.append(
                     Rejected(str(path), number, line, "neither an http(s) URL nor an existing file")
                 )
@@ -97,3 +117,12 @@ def parse_url_list(path: Path, text: str | None = None) -> UrlList:
         seen.add(url)
         sources.append(Source(url=url, video_id=video_id_for(url), line=number, list_path=str(path)))
     return UrlList(sources=sources, rejected=rejected)
+
+
+def parse_url_list(path: Path, text: str | bytes | None = None) -> UrlList:
+    """Read the URL list at `path`, or given as `text` (relative paths then still from path's folder)."""
+    if text is None:
+        with path.open("rb") as handle:
+            return read_url_list(path, handle)
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    return read_url_list(path, io.BytesIO(data))

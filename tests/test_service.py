@@ -192,7 +192,7 @@ def test_lists_present_at_start_and_dropped_later_are_processed_once_and_filed(w
 
     wait_for("READY=1", lambda: "READY=1" in notified)
     report = wait_for("early.txt in done/", lambda: ws.filed("done", "early.txt"))
-    assert "result: done: 2 URL(s): 2 done, 0 skipped, 0 failed" in report
+    assert "result: done: 2 URL(s): 2 done, 0 partial, 0 skipped, 0 failed; 0 clip error(s)" in report
     assert all(f"done\t{url}" in report for url in early)
     assert not (ws.inbox / "claimed" / "early.txt").exists()
 
@@ -289,7 +289,7 @@ def test_a_list_still_being_written_is_not_read_and_failures_are_reported(ws: Wo
     writer.close()
 
     report = wait_for("slow.txt in failed/", lambda: ws.filed("failed", "slow.txt"))
-    assert "result: failed: 2 URL(s): 1 done, 0 skipped, 1 failed" in report
+    assert "result: failed: 2 URL(s): 1 done, 0 partial, 0 skipped, 1 failed; 0 clip error(s)" in report
     urls = ws.urls()
     assert urls[small] == ("done", None)
     assert urls[big][0] == "failed" and "larger than download.max_filesize_mb" in str(urls[big][1])
@@ -362,7 +362,7 @@ def test_after_sigkill_of_the_whole_group_the_next_start_resumes(ws: Workspace) 
 
     service = ws.start()
     report = wait_for("crash.txt in done/", lambda: ws.filed("done", "crash.txt"))
-    assert "3 done, 0 skipped, 0 failed" in report
+    assert "3 done, 0 partial, 0 skipped, 0 failed" in report
     assert ws.urls() == {url: ("done", None) for url in urls}
     ws.check_outputs()
     assert all(path.exists() for path in ws.expected)
