@@ -43,6 +43,7 @@ LAYERS: list[set[str]] = [
         "daemon.gpu.driver",
         "daemon.stages.base",
         "daemon.frames",
+        "daemon.geometry",
         "daemon.messages",
         "daemon.folders",
         "daemon.config",
