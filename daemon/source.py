@@ -15,6 +15,7 @@ import av.video.stream
 import numpy as np
 from av.video.reformatter import ColorRange, Colorspace, Interpolation, VideoReformatter
 
+from daemon.colour import ColourError, SdrConversion, describe, needs_mapping
 from daemon.frames import PictureFormat
 from daemon.geometry import DisplayGeometry, Orientation, sample_aspect
 
@@ -33,6 +34,7 @@ class SourceInfo:
     duration_seconds: float | None
     frames: int | None
     geometry: DisplayGeometry | None = None  # how it is shown, when not as stored
+    colour: str = ""  # its transfer and primaries where they are not SDR BT.709's (daemon.colour)
 
     def describe(self) -> str:
         """The source line of the log: codec, stored size, rate, length, and how it is shown."""
@@ -41,7 +43,7 @@ class SourceInfo:
             f"{self.average_fps or 0:.3f} fps, {self.duration_seconds or 0:.1f}s"
         )
         shown = self.geometry.describe() if self.geometry is not None else ""
-        return f"{line}, {shown}" if shown else line
+        return ", ".join(part for part in (line, shown, self.colour) if part)
 
 
 @dataclass
@@ -57,6 +59,8 @@ class SourceFrame:
     # Shared by every frame of a source: a scaler context is costly to set up for each frame.
     reformatter: VideoReformatter = field(default_factory=VideoReformatter)
     geometry: DisplayGeometry | None = None  # None: square pixels, shown as stored
+    # Shared too: HDR and wide-gamut frames are converted to BT.709 SDR by it (daemon.colour).
+    sdr: SdrConversion = field(default_factory=SdrConversion)
 
     @property
     def width(self) -> int:
@@ -90,9 +94,28 @@ class SourceFrame:
         `size` (width, height) scales in the same pass as the colour conversion, which on the CPU
         costs far less than scaling the RGB picture afterwards; the picture is then turned upright.
         """
+        stored = self._stored_size(size)
+        rgb = self._mapped(stored, "rgb24") if self._needs_mapping else self._reformatted_rgb(stored)
+        orientation = self._orientation
+        if orientation.upright:
+            return rgb.to_ndarray()
+        return np.ascontiguousarray(orientation.apply(rgb.to_ndarray()))
+
+    @property
+    def _needs_mapping(self) -> bool:
+        return needs_mapping(self.frame.color_trc, self.frame.color_primaries)
+
+    def _mapped(self, size: tuple[int, int] | None, pixel_format: str) -> av.VideoFrame:
+        """HDR or wide gamut: tone and gamut mapped to BT.709 SDR while scaling (daemon.colour)."""
+        try:
+            return self.sdr.convert(self.frame, size or (self.frame.width, self.frame.height), pixel_format)
+        except ColourError as exc:
+            raise SourceError(str(exc)) from exc
+
+    def _reformatted_rgb(self, size: tuple[int, int] | None) -> av.VideoFrame:
         colorspace, color_range = self._declared_colour()
-        width, height = self._stored_size(size) or (None, None)
-        rgb = self.reformatter.reformat(
+        width, height = size or (None, None)
+        return self.reformatter.reformat(
             self.frame,
             format="rgb24",
             width=width,
@@ -103,10 +126,6 @@ class SourceFrame:
             interpolation=Interpolation.BICUBIC,
             threads=1,
         )
-        orientation = self._orientation
-        if orientation.upright:
-            return rgb.to_ndarray()
-        return np.ascontiguousarray(orientation.apply(rgb.to_ndarray()))
 
     def _declared_colour(self) -> tuple[int, int]:
         return declared_colour(self.frame.colorspace, self.frame.color_range, self.frame.height)
@@ -118,26 +137,8 @@ class SourceFrame:
         encoder needs when no stage looks at the pixels. `size` and `window` are on screen: the
         stored picture is scaled to the turned size, and its planes turned before the cut.
         """
-        width, height = self._stored_size(size) or size
-        colorspace, color_range = self._declared_colour()
-        interpolation = Interpolation.BICUBIC
-        if (colorspace, color_range) != (Colorspace.ITU709, ColorRange.MPEG):
-            # Exact rounding: without it, converting between YUV matrices drifts by several levels.
-            interpolation |= Interpolation.ACCURATE_RND
-        scaled = self.reformatter.reformat(
-            self.frame,
-            width=width,
-            height=height,
-            format="yuv420p",
-            src_colorspace=colorspace,
-            dst_colorspace=Colorspace.ITU709,
-            src_color_range=color_range,
-            dst_color_range=ColorRange.MPEG,
-            interpolation=interpolation,
-            # One thread: the worker's other threads (decoder, encoders) have the other cores, and
-            # handing slices of a small picture to a pool costs more than it saves.
-            threads=1,
-        )
+        stored = self._stored_size(size) or size
+        scaled = self._mapped(stored, "yuv420p") if self._needs_mapping else self._reformatted_yuv(stored)
         left, top, out_width, out_height = window
         orientation = self._orientation
         if (left, top, out_width, out_height) != (0, 0, *size) or not orientation.upright:
@@ -151,6 +152,28 @@ class SourceFrame:
         scaled.colorspace = Colorspace.ITU709
         scaled.color_range = ColorRange.MPEG
         return scaled
+
+    def _reformatted_yuv(self, size: tuple[int, int]) -> av.VideoFrame:
+        width, height = size
+        colorspace, color_range = self._declared_colour()
+        interpolation = Interpolation.BICUBIC
+        if (colorspace, color_range) != (Colorspace.ITU709, ColorRange.MPEG):
+            # Exact rounding: without it, converting between YUV matrices drifts by several levels.
+            interpolation |= Interpolation.ACCURATE_RND
+        return self.reformatter.reformat(
+            self.frame,
+            width=width,
+            height=height,
+            format="yuv420p",
+            src_colorspace=colorspace,
+            dst_colorspace=Colorspace.ITU709,
+            src_color_range=color_range,
+            dst_color_range=ColorRange.MPEG,
+            interpolation=interpolation,
+            # One thread: the worker's other threads (decoder, encoders) have the other cores, and
+            # handing slices of a small picture to a pool costs more than it saves.
+            threads=1,
+        )
 
 
 # H.273 matrix code points that swscale converts with their own coefficients: BT.709, FCC, BT.470 BG,
@@ -238,6 +261,7 @@ class VideoSource:
             raise SourceError(f"{path.name}: video stream has no time base")
         self.time_base = Fraction(self.stream.time_base)
         self._reformatter = VideoReformatter()
+        self._sdr = SdrConversion()
         self._index_container: av.container.InputContainer | None = None
         self._decoded_any = False
         start = self.stream.start_time
@@ -282,7 +306,15 @@ class VideoSource:
             duration_seconds=duration,
             frames=stream.frames or None,
             geometry=self.geometry,
+            colour=self.colour,
         )
+
+    @property
+    def colour(self) -> str:
+        """Its transfer and primaries where they are not SDR BT.709's, as the first frame says."""
+        first = self._peek()
+        source = first if first is not None else self.stream.codec_context
+        return describe(source.color_trc, source.color_primaries)
 
     @property
     def geometry(self) -> DisplayGeometry:
@@ -386,7 +418,9 @@ class VideoSource:
                     continue  # duplicate or out-of-order timestamps: the first one wins
                 last_pts = pts
                 duration = Fraction(frame.duration) * self.time_base if frame.duration else None
-                yield SourceFrame(frame, self.clock.seconds(pts), duration, self._reformatter, geometry)
+                yield SourceFrame(
+                    frame, self.clock.seconds(pts), duration, self._reformatter, geometry, self._sdr
+                )
         except av.error.FFmpegError as exc:
             raise SourceError(f"{self.path.name}: decoding failed: {exc}") from exc
 

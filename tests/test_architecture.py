@@ -44,6 +44,7 @@ LAYERS: list[set[str]] = [
         "daemon.stages.base",
         "daemon.frames",
         "daemon.geometry",
+        "daemon.colour",
         "daemon.messages",
         "daemon.folders",
         "daemon.config",

@@ -21,6 +21,7 @@ from typing import Any
 import av
 import torch
 
+from daemon.colour import describe
 from daemon.config import EncodeSettings
 from daemon.encode import EncodeError, publish, tag_bt709
 from daemon.folders import part_path
@@ -57,6 +58,7 @@ def nvdec_unsupported_reason(path: Path) -> str:
             context = container.streams.video[0].codec_context
             codec, pix_fmt = context.name, context.format.name if context.format else "unknown"
             width, height = context.width, context.height
+            colour = describe(context.color_trc, context.color_primaries)
             formats = container.format.name.split(",")
     except (av.error.FFmpegError, OSError) as exc:
         return f"cannot be read: {exc}"
@@ -64,6 +66,9 @@ def nvdec_unsupported_reason(path: Path) -> str:
         return f"codec {codec} is not decoded by NVDEC"
     if pix_fmt not in NV12_SOURCE_FORMATS:
         return f"{codec} {pix_fmt} is not 8-bit 4:2:0"
+    if colour:
+        # The tone and gamut mapping to BT.709 SDR is FFmpeg's scaler's (daemon.colour), on the CPU.
+        return f"{colour}: converted to BT.709 SDR on the CPU"
     min_w, min_h, max_w, max_h = NVDEC_LIMITS[codec]
     if not (min_w <= width <= max_w and min_h <= height <= max_h):
         return f"{codec} {width}x{height} is outside NVDEC's {min_w}x{min_h} to {max_w}x{max_h}"
