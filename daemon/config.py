@@ -138,7 +138,7 @@ class EncodeSettings(_Section):
 
 
 class DownloadSettings(_Section):
-    format: str = "wv[height>={height}]/bv/b"
+    format: str = "wv[height>={height}][dynamic_range=SDR]/wv[height>={height}]/bv[dynamic_range=SDR]/bv/b"
     attempts: int = Field(3, ge=1, le=20)
     backoff_initial_seconds: float = Field(2.0, ge=0)
     backoff_max_seconds: float = Field(60.0, ge=0)

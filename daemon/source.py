@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import itertools
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -14,7 +15,9 @@ import av.video.stream
 import numpy as np
 from av.video.reformatter import ColorRange, Colorspace, Interpolation, VideoReformatter
 
+from daemon.colour import ColourError, SdrConversion, describe, needs_mapping
 from daemon.frames import PictureFormat
+from daemon.geometry import DisplayGeometry, Orientation, sample_aspect
 
 
 class SourceError(Exception):
@@ -30,35 +33,89 @@ class SourceInfo:
     average_fps: float | None
     duration_seconds: float | None
     frames: int | None
+    geometry: DisplayGeometry | None = None  # how it is shown, when not as stored
+    colour: str = ""  # its transfer and primaries where they are not SDR BT.709's (daemon.colour)
+
+    def describe(self) -> str:
+        """The source line of the log: codec, stored size, rate, length, and how it is shown."""
+        line = (
+            f"source {self.codec} {self.width}x{self.height} "
+            f"{self.average_fps or 0:.3f} fps, {self.duration_seconds or 0:.1f}s"
+        )
+        shown = self.geometry.describe() if self.geometry is not None else ""
+        return ", ".join(part for part in (line, shown, self.colour) if part)
 
 
 @dataclass
 class SourceFrame:
-    """A decoded frame and the moment it appears on screen, in seconds from the stream's start."""
+    """A decoded frame and the moment it appears on screen, in seconds from the stream's start.
+
+    Its width, height and pictures are the picture as a player shows it: turned upright by the
+    display matrix and in square pixels (daemon.geometry); sizes asked of it are sizes on screen."""
 
     frame: av.VideoFrame
     pts_seconds: Fraction
     duration_seconds: Fraction | None
     # Shared by every frame of a source: a scaler context is costly to set up for each frame.
     reformatter: VideoReformatter = field(default_factory=VideoReformatter)
+    geometry: DisplayGeometry | None = None  # None: square pixels, shown as stored
+    # Shared too: HDR and wide-gamut frames are converted to BT.709 SDR by it (daemon.colour).
+    sdr: SdrConversion = field(default_factory=SdrConversion)
 
     @property
     def width(self) -> int:
-        return int(self.frame.width)
+        return self._shown_size[0]
 
     @property
     def height(self) -> int:
-        return int(self.frame.height)
+        return self._shown_size[1]
+
+    @property
+    def _shown_size(self) -> tuple[int, int]:
+        if self.geometry is None:
+            return int(self.frame.width), int(self.frame.height)
+        return self.geometry.size
+
+    @property
+    def _orientation(self) -> Orientation:
+        return self.geometry.orientation if self.geometry is not None else Orientation()
+
+    def _stored_size(self, size: tuple[int, int] | None) -> tuple[int, int] | None:
+        """The size to scale the stored picture to for `size` on screen; None: as stored."""
+        if size is None:
+            if self.geometry is None or self.geometry.sample_aspect == 1:
+                return None
+            size = self.geometry.size  # square pixels need a scale even at the size shown
+        return self._orientation.stored_size(size)
 
     def to_rgb(self, size: tuple[int, int] | None = None) -> np.ndarray:
         """(height, width, 3) uint8, full range, using the colour matrix the stream declares.
 
         `size` (width, height) scales in the same pass as the colour conversion, which on the CPU
-        costs far less than scaling the RGB picture afterwards.
+        costs far less than scaling the RGB picture afterwards; the picture is then turned upright.
         """
+        stored = self._stored_size(size)
+        rgb = self._mapped(stored, "rgb24") if self._needs_mapping else self._reformatted_rgb(stored)
+        orientation = self._orientation
+        if orientation.upright:
+            return rgb.to_ndarray()
+        return np.ascontiguousarray(orientation.apply(rgb.to_ndarray()))
+
+    @property
+    def _needs_mapping(self) -> bool:
+        return needs_mapping(self.frame.color_trc, self.frame.color_primaries)
+
+    def _mapped(self, size: tuple[int, int] | None, pixel_format: str) -> av.VideoFrame:
+        """HDR or wide gamut: tone and gamut mapped to BT.709 SDR while scaling (daemon.colour)."""
+        try:
+            return self.sdr.convert(self.frame, size or (self.frame.width, self.frame.height), pixel_format)
+        except ColourError as exc:
+            raise SourceError(str(exc)) from exc
+
+    def _reformatted_rgb(self, size: tuple[int, int] | None) -> av.VideoFrame:
         colorspace, color_range = self._declared_colour()
-        width, height = size if size is not None else (None, None)
-        rgb = self.reformatter.reformat(
+        width, height = size or (None, None)
+        return self.reformatter.reformat(
             self.frame,
             format="rgb24",
             width=width,
@@ -69,7 +126,6 @@ class SourceFrame:
             interpolation=Interpolation.BICUBIC,
             threads=1,
         )
-        return rgb.to_ndarray()
 
     def _declared_colour(self) -> tuple[int, int]:
         return declared_colour(self.frame.colorspace, self.frame.color_range, self.frame.height)
@@ -78,15 +134,33 @@ class SourceFrame:
         """Scaled to `size`, then cut to `window` (left, top, width, height), staying in yuv420p.
 
         One pass that scales and converts to BT.709 limited range, and no RGB round trip: what the
-        encoder needs when no stage looks at the pixels.
+        encoder needs when no stage looks at the pixels. `size` and `window` are on screen: the
+        stored picture is scaled to the turned size, and its planes turned before the cut.
         """
+        stored = self._stored_size(size) or size
+        scaled = self._mapped(stored, "yuv420p") if self._needs_mapping else self._reformatted_yuv(stored)
+        left, top, out_width, out_height = window
+        orientation = self._orientation
+        if (left, top, out_width, out_height) != (0, 0, *size) or not orientation.upright:
+            left, top = left & ~1, top & ~1  # chroma is subsampled by two
+            luma, *chroma = (orientation.apply(_plane(scaled, index)) for index in (0, 1, 2))
+            planes = [luma[top : top + out_height, left : left + out_width]]
+            for plane in chroma:
+                planes.append(plane[top // 2 : (top + out_height) // 2, left // 2 : (left + out_width) // 2])
+            packed = np.concatenate([plane.reshape(-1) for plane in planes]).reshape(-1, out_width)
+            scaled = av.VideoFrame.from_ndarray(packed, format="yuv420p")
+        scaled.colorspace = Colorspace.ITU709
+        scaled.color_range = ColorRange.MPEG
+        return scaled
+
+    def _reformatted_yuv(self, size: tuple[int, int]) -> av.VideoFrame:
         width, height = size
         colorspace, color_range = self._declared_colour()
         interpolation = Interpolation.BICUBIC
         if (colorspace, color_range) != (Colorspace.ITU709, ColorRange.MPEG):
             # Exact rounding: without it, converting between YUV matrices drifts by several levels.
             interpolation |= Interpolation.ACCURATE_RND
-        scaled = self.reformatter.reformat(
+        return self.reformatter.reformat(
             self.frame,
             width=width,
             height=height,
@@ -100,18 +174,6 @@ class SourceFrame:
             # handing slices of a small picture to a pool costs more than it saves.
             threads=1,
         )
-        left, top, out_width, out_height = window
-        if (left, top, out_width, out_height) != (0, 0, width, height):
-            left, top = left & ~1, top & ~1  # chroma is subsampled by two
-            planes = [_plane(scaled, 0)[top : top + out_height, left : left + out_width]]
-            for index in (1, 2):
-                chroma = _plane(scaled, index)
-                planes.append(chroma[top // 2 : (top + out_height) // 2, left // 2 : (left + out_width) // 2])
-            packed = np.concatenate([plane.reshape(-1) for plane in planes]).reshape(-1, out_width)
-            scaled = av.VideoFrame.from_ndarray(packed, format="yuv420p")
-        scaled.colorspace = Colorspace.ITU709
-        scaled.color_range = ColorRange.MPEG
-        return scaled
 
 
 # H.273 matrix code points that swscale converts with their own coefficients: BT.709, FCC, BT.470 BG,
@@ -199,6 +261,7 @@ class VideoSource:
             raise SourceError(f"{path.name}: video stream has no time base")
         self.time_base = Fraction(self.stream.time_base)
         self._reformatter = VideoReformatter()
+        self._sdr = SdrConversion()
         self._index_container: av.container.InputContainer | None = None
         self._decoded_any = False
         start = self.stream.start_time
@@ -206,6 +269,13 @@ class VideoSource:
         rate = self.stream.average_rate or self.stream.guessed_rate
         self._nominal_frame_seconds = Fraction(1) / Fraction(rate) if rate else Fraction(1, 30)
         self.clock = StreamClock(self.time_base, self._origin, _frame_grid(self.stream))
+        context = self.stream.codec_context
+        self._sample_aspect = sample_aspect(self.stream.sample_aspect_ratio or context.sample_aspect_ratio)
+        self._geometry: DisplayGeometry | None = None  # known from the first frame decoded
+        # A frame decoded only to learn the geometry, and the decoding it came from: the walk
+        # starts with it, so that knowing the geometry costs no second reader (a pipe has one).
+        self._peeked: av.VideoFrame | None = None
+        self._peeked_from: Iterator[av.VideoFrame] | None = None
 
     def __enter__(self) -> VideoSource:
         return self
@@ -235,7 +305,40 @@ class VideoSource:
             average_fps=float(rate) if rate else None,
             duration_seconds=duration,
             frames=stream.frames or None,
+            geometry=self.geometry,
+            colour=self.colour,
         )
+
+    @property
+    def colour(self) -> str:
+        """Its transfer and primaries where they are not SDR BT.709's, as the first frame says."""
+        first = self._peek()
+        source = first if first is not None else self.stream.codec_context
+        return describe(source.color_trc, source.color_primaries)
+
+    @property
+    def geometry(self) -> DisplayGeometry:
+        """How the stream is shown: its sample aspect ratio and the first frame's display matrix."""
+        if self._geometry is None:
+            first = self._peek()
+            self._geometry = self._geometry_of(first)
+        return self._geometry
+
+    def _geometry_of(self, frame: av.VideoFrame | None) -> DisplayGeometry:
+        context = self.stream.codec_context
+        orientation = Orientation.of_frame(frame) if frame is not None else Orientation()
+        return DisplayGeometry(context.width, context.height, self._sample_aspect, orientation)
+
+    def _peek(self) -> av.VideoFrame | None:
+        """The first frame, decoded ahead of the walk; None once the walk has begun, or if none."""
+        if self._decoded_any or self._peeked_from is not None:
+            return self._peeked
+        self._peeked_from = iter(self._container.decode(self.stream))
+        try:
+            self._peeked = next(self._peeked_from, None)
+        except av.error.FFmpegError as exc:
+            raise SourceError(f"{self.path.name}: decoding failed: {exc}") from exc
+        return self._peeked
 
     def frames(self, from_seconds: Fraction = Fraction(0)) -> Generator[SourceFrame, None, None]:
         """Frames in presentation order, from the keyframe the index puts at or before `from_seconds`.
@@ -274,17 +377,20 @@ class VideoSource:
 
     @property
     def width(self) -> int:
-        return int(self.stream.codec_context.width)
+        """On screen: upright and in square pixels, as its frames are."""
+        return self.geometry.size[0]
 
     @property
     def height(self) -> int:
-        return int(self.stream.codec_context.height)
+        return self.geometry.size[1]
 
     def skip_unreferenced(self, skip: bool) -> None:
         """Drop frames no other frame references (B-frames, mostly) while nothing will show them."""
         self.stream.codec_context.skip_frame = "NONREF" if skip else "DEFAULT"
 
     def _seek(self, seconds: Fraction) -> None:
+        self._peeked, self._peeked_from = None, None
+        self._decoded_any = True  # the peeked frame, if any, is gone: its decoding is not resumed
         try:
             self._container.seek(self.clock.pts(seconds), backward=True, any_frame=False, stream=self.stream)
         except av.error.FFmpegError as exc:
@@ -292,9 +398,19 @@ class VideoSource:
 
     def _decode(self) -> Generator[SourceFrame, None, None]:
         last_pts: int | None = None
+        if self._peeked_from is not None:
+            decoded: Iterator[av.VideoFrame] = self._peeked_from
+            if self._peeked is not None:
+                decoded = itertools.chain([self._peeked], decoded)
+            self._peeked, self._peeked_from = None, None
+        else:
+            decoded = self._container.decode(self.stream)
         try:
-            for frame in self._container.decode(self.stream):
+            for frame in decoded:
                 self._decoded_any = True
+                if self._geometry is None:
+                    self._geometry = self._geometry_of(frame)
+                geometry = None if self._geometry.plain else self._geometry
                 pts = frame.pts if frame.pts is not None else frame.dts
                 if pts is None:
                     continue
@@ -302,7 +418,9 @@ class VideoSource:
                     continue  # duplicate or out-of-order timestamps: the first one wins
                 last_pts = pts
                 duration = Fraction(frame.duration) * self.time_base if frame.duration else None
-                yield SourceFrame(frame, self.clock.seconds(pts), duration, self._reformatter)
+                yield SourceFrame(
+                    frame, self.clock.seconds(pts), duration, self._reformatter, geometry, self._sdr
+                )
         except av.error.FFmpegError as exc:
             raise SourceError(f"{self.path.name}: decoding failed: {exc}") from exc
 

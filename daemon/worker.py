@@ -223,10 +223,7 @@ class Worker:
         """Fails a file that is not a decodable video here, and records what the source is."""
         info = probe(source)
         self.conn.send(SourceProbed(task.url, info.codec, info.width, info.height, info.average_fps))
-        logger.info(
-            f"source {info.codec} {info.width}x{info.height} "
-            f"{info.average_fps or 0:.3f} fps, {info.duration_seconds or 0:.1f}s"
-        )
+        logger.info(info.describe())  # with how it is shown, where that is not as stored
 
     def _on_retry(self, failure: DownloadFailure, attempt: int, delay: float, reporter: _Reporter) -> None:
         logger.warning(

@@ -44,6 +44,8 @@ LAYERS: list[set[str]] = [
         "daemon.gpu.driver",
         "daemon.stages.base",
         "daemon.frames",
+        "daemon.geometry",
+        "daemon.colour",
         "daemon.messages",
         "daemon.failures",
         "daemon.folders",

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from daemon.geometry import DisplayGeometry
+
 # Luma weights (Kr, Kb) by H.273 matrix code point, for the matrices swscale knows. Anything else is
 # read as BT.601, which is also what swscale falls back to.
 LUMA_WEIGHTS: dict[int, tuple[float, float]] = {
@@ -102,3 +104,24 @@ def rgb_to_nv12(rgb: torch.Tensor) -> torch.Tensor:
     chroma = torch.stack((u, v), dim=-1).mul_(C_SCALE).add_(C_OFFSET).round_().clamp_(0, 255)
     chroma = chroma.to(torch.uint8).reshape(count, height // 2, width)
     return torch.cat((luma, chroma), dim=1)
+
+
+def as_shown(rgb: torch.Tensor, geometry: DisplayGeometry) -> torch.Tensor:
+    """A stored (H, W, 3) uint8 picture as a player shows it: widened or narrowed to square pixels,
+    then turned upright, as daemon.source's frames are on the CPU."""
+    orientation = geometry.orientation
+    if geometry.sample_aspect != 1:
+        width, height = orientation.stored_size(geometry.size)
+        shrinking = width < rgb.shape[1]
+        planar = rgb.permute(2, 0, 1).unsqueeze(0).float()
+        planar = F.interpolate(
+            planar, size=(height, width), mode="bicubic", antialias=shrinking, align_corners=False
+        )
+        rgb = planar.round_().clamp_(0, 255).to(torch.uint8)[0].permute(1, 2, 0)
+    if orientation.transpose:
+        rgb = rgb.transpose(0, 1)
+    if orientation.flip_rows:
+        rgb = rgb.flip(0)
+    if orientation.flip_cols:
+        rgb = rgb.flip(1)
+    return rgb.contiguous()

@@ -21,11 +21,13 @@ from typing import Any
 import av
 import torch
 
+from daemon.colour import describe
 from daemon.config import EncodeSettings
 from daemon.encode import EncodeError, publish, tag_bt709
 from daemon.folders import part_path
 from daemon.frames import PictureFormat, Pictures
-from daemon.gpu.color import crop_nv12, nv12_to_rgb, rgb_to_nv12
+from daemon.geometry import DisplayGeometry
+from daemon.gpu.color import as_shown, crop_nv12, nv12_to_rgb, rgb_to_nv12
 from daemon.source import VideoSource, declared_colour
 
 # What NVDEC decodes to NV12 (8-bit 4:2:0), with its size limits: (min w, min h, max w, max h).
@@ -56,6 +58,7 @@ def nvdec_unsupported_reason(path: Path) -> str:
             context = container.streams.video[0].codec_context
             codec, pix_fmt = context.name, context.format.name if context.format else "unknown"
             width, height = context.width, context.height
+            colour = describe(context.color_trc, context.color_primaries)
             formats = container.format.name.split(",")
     except (av.error.FFmpegError, OSError) as exc:
         return f"cannot be read: {exc}"
@@ -63,6 +66,9 @@ def nvdec_unsupported_reason(path: Path) -> str:
         return f"codec {codec} is not decoded by NVDEC"
     if pix_fmt not in NV12_SOURCE_FORMATS:
         return f"{codec} {pix_fmt} is not 8-bit 4:2:0"
+    if colour:
+        # The tone and gamut mapping to BT.709 SDR is FFmpeg's scaler's (daemon.colour), on the CPU.
+        return f"{colour}: converted to BT.709 SDR on the CPU"
     min_w, min_h, max_w, max_h = NVDEC_LIMITS[codec]
     if not (min_w <= width <= max_w and min_h <= height <= max_h):
         return f"{codec} {width}x{height} is outside NVDEC's {min_w}x{min_h} to {max_w}x{max_h}"
@@ -79,21 +85,28 @@ class GpuFrame:
     pts_seconds: Fraction
     colour: tuple[int, int]  # (matrix, range) the source declares, as daemon.source.declared_colour reads it
     duration_seconds: Fraction | None = None
+    geometry: DisplayGeometry | None = None  # None: square pixels, shown as stored
 
     @property
     def width(self) -> int:
+        """On screen (upright, square pixels), as daemon.source's frames."""
+        if self.geometry is not None:
+            return self.geometry.size[0]
         return int(self.nv12.shape[1])
 
     @property
     def height(self) -> int:
+        if self.geometry is not None:
+            return self.geometry.size[1]
         return int(self.nv12.shape[0]) * 2 // 3
 
     def to_rgb(self, size: tuple[int, int] | None = None) -> torch.Tensor:
-        """RGB on the device. NvdecSource offers no host format, so the cutter never asks for a
-        size here: scaling on the device is the resize stage's job."""
+        """RGB on the device, as a player shows it. NvdecSource offers no host format, so the
+        cutter never asks for a size here: scaling on the device is the resize stage's job."""
         if size is not None and size != (self.width, self.height):
             raise ValueError("NVDEC frames are scaled by the resize stage, not on conversion")
-        return nv12_to_rgb(self.nv12, *self.colour)
+        rgb = nv12_to_rgb(self.nv12, *self.colour)
+        return rgb if self.geometry is None else as_shown(rgb, self.geometry)
 
     def to_yuv420(self, size: tuple[int, int], window: tuple[int, int, int, int]) -> av.VideoFrame:
         raise NotImplementedError("NVDEC frames stay on the device; NvdecSource offers no YUV420 format")
@@ -117,7 +130,11 @@ class NvdecSource:
         # NVDEC hands back samples, not colours: an SD BT.601 or a full-range source must be read as
         # such, exactly as the CPU decoder's swscale reads it.
         self.colour = declared_colour(context.colorspace, context.color_range, context.height)
-        self.width, self.height = context.width, context.height
+        # Stored size, what NVDEC decodes; the frames and this source report the size on screen.
+        self.stored_width, self.stored_height = context.width, context.height
+        geometry = self._meta.geometry
+        self.geometry = None if geometry.plain else geometry
+        self.width, self.height = geometry.size
 
     def __enter__(self) -> NvdecSource:
         return self
@@ -193,10 +210,10 @@ class NvdecSource:
         # The decoder reuses its surfaces: the frame gets its own copy (a device-to-device copy),
         # cut to the visible picture where the surface has the coded size. Cutting copies already.
         surface = _device_tensor(decoded, self.device)
-        nv12 = crop_nv12(surface, self.width, self.height)
+        nv12 = crop_nv12(surface, self.stored_width, self.stored_height)
         if nv12 is surface:
             nv12 = surface.clone(memory_format=torch.contiguous_format)
-        return GpuFrame(nv12, self._meta.clock.seconds(pts), self.colour), pts
+        return GpuFrame(nv12, self._meta.clock.seconds(pts), self.colour, geometry=self.geometry), pts
 
 
 def _device_tensor(decoded: Any, device: torch.device) -> torch.Tensor:
