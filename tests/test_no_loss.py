@@ -39,6 +39,18 @@ def small_disk(folder: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
+@contextlib.contextmanager
+def started(command: list[str]) -> Iterator[subprocess.Popen[str]]:
+    """The command running in the background, as a user would start it; killed if still running."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
 def fill(folder: Path) -> Path:
     """Write a file into `folder` until its file system is full; returns the file."""
     filler = folder / "filler.bin"
@@ -123,14 +135,7 @@ def test_a_full_output_disk_pauses_the_run_and_every_clip_is_made_once_space_ret
         (workspace["clips"] / f"{name}.txt").write_text("0 30\n30 60\n60 90\n")
     with small_disk(workspace["out"], "4m") as out:
         filler = fill(out)
-        run = subprocess.Popen(
-            cli_command(workspace, "--workers", "2"),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
+        with started(cli_command(workspace, "--workers", "2")) as run:
             ledger = state / "ledger.sqlite"
             # The run says it waits, in its log and in `status`, and records no clip as failed for good.
             log = logs / "supervisor.log"
@@ -143,10 +148,6 @@ def test_a_full_output_disk_pauses_the_run_and_every_clip_is_made_once_space_ret
             assert not [r for r in ledger_rows(ledger) if r["state"] == "failed"]
             filler.unlink()
             stdout, stderr = run.communicate(timeout=180)
-        finally:
-            if run.poll() is None:
-                run.kill()
-                run.communicate()
         assert run.returncode == 0, stderr
         assert "downloads resumed" in stderr and "Traceback" not in stderr
         expected = [f"{n}_{s:07d}_{s + 30:07d}.hevc" for n in names for s in (0, 30, 60)]
@@ -168,23 +169,12 @@ def test_a_full_temp_disk_pauses_downloads_without_failing_or_charging_the_url(
     (workspace["clips"] / "big.txt").write_text("0 30\n90 120\n")
     with small_disk(workspace["temp"], "2m") as temp:
         filler = fill(temp)
-        run = subprocess.Popen(
-            cli_command(workspace, "--workers", "1"),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
+        with started(cli_command(workspace, "--workers", "1")) as run:
             log = logs / "supervisor.log"
             wait_for("the pause", lambda: log.exists() and "downloads paused" in log.read_text(), 120)
             assert "no space left" in log.read_text()
             filler.unlink()
             _, stderr = run.communicate(timeout=180)
-        finally:
-            if run.poll() is None:
-                run.kill()
-                run.communicate()
     assert run.returncode == 0, stderr
     assert clip_names(workspace["out"]) == ["big_0000000_0000030.hevc", "big_0000090_0000120.hevc"]
     (row,) = ledger_rows(state / "ledger.sqlite")
@@ -232,14 +222,7 @@ def test_a_ledger_disk_that_fills_during_the_run_stops_it_cleanly_and_the_next_r
         (workspace["clips"] / f"{name}.txt").write_text("0 30\n")
     with small_disk(state, "2m"):
         ledger = state / "ledger.sqlite"
-        run = subprocess.Popen(
-            cli_command(workspace, "--workers", "1"),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
+        with started(cli_command(workspace, "--workers", "1")) as run:
             wait_for(
                 "the first URL done and the second in flight",
                 lambda: (
@@ -251,10 +234,6 @@ def test_a_ledger_disk_that_fills_during_the_run_stops_it_cleanly_and_the_next_r
             )
             filler = fill(state)
             _, stderr = run.communicate(timeout=120)
-        finally:
-            if run.poll() is None:
-                run.kill()
-                run.communicate()
         assert run.returncode == 1, stderr
         assert "Traceback" not in stderr
         lines = [line for line in stderr.splitlines() if "cannot be written" in line]
@@ -299,22 +278,11 @@ def test_a_url_that_keeps_failing_is_given_up_after_its_budget_which_spans_runs(
     workspace["config"].write_text(
         RETRY_CONFIG.replace("retry_delay_seconds = 0.3", "retry_delay_seconds = 60")
     )
-    run = subprocess.Popen(
-        cli_command(workspace, "--workers", "1"),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with started(cli_command(workspace, "--workers", "1")) as run:
         log = workspace["out"] / "logs" / "supervisor.log"
         wait_for("the first failure", lambda: log.exists() and "try 1 of 3 failed" in log.read_text(), 60)
         run.send_signal(signal.SIGTERM)
         _, stderr = run.communicate(timeout=60)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.communicate()
     assert run.returncode == 130, stderr
     workspace["config"].write_text(RETRY_CONFIG)
     second = run_cli(workspace, "--workers", "1")
@@ -359,14 +327,7 @@ def test_a_second_run_with_another_state_folder_is_refused_and_the_first_is_unto
     url = server.add("long.mp4", make_video(workspace["media"] / "long.mp4", frames=300))
     workspace["urls"].write_text(f"{url}\n")
     (workspace["clips"] / "long.txt").write_text("".join(f"{s} {s + 30}\n" for s in range(0, 300, 30)))
-    first = subprocess.Popen(
-        cli_command(workspace, "--workers", "1"),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with started(cli_command(workspace, "--workers", "1")) as first:
         log = workspace["out"] / "logs" / "supervisor.log"
         wait_for("the first run to start", lambda: log.exists() and "URL(s) from" in log.read_text(), 60)
         before = log.read_text()
@@ -377,10 +338,6 @@ def test_a_second_run_with_another_state_folder_is_refused_and_the_first_is_unto
         assert "another run is already using" in second.stderr and "run pid" in second.stderr
         assert str(first.pid) in second.stderr
         stdout, stderr = first.communicate(timeout=180)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.communicate()
     assert first.returncode == 0, stderr
     assert log.read_text().startswith(before)
     assert "another run" not in log.read_text()  # the refusal wrote nothing into the holder's log
