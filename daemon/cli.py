@@ -323,7 +323,6 @@ def _run(args: argparse.Namespace) -> int:
     if not args.input_clip_dir.is_dir():
         raise UsageError(f"--input-clip-dir {args.input_clip_dir}: no such folder")
     url_list = read_urls_file(args.urls_file)
-    list_path = url_list.sources[0].list_path if url_list.sources else None
     if args.dry_run:
         return dry_run(settings, url_list, args.input_clip_dir, args.output_dir)
     paths = RunPaths.from_settings(settings, args.input_clip_dir, args.output_dir)
@@ -354,10 +353,10 @@ def _run(args: argparse.Namespace) -> int:
         logger.error(str(exc))
         return EXIT_FAILED
     install_signal_handlers(supervisor)
-    if url_list.rejected:
-        supervisor.reject_lines(url_list.rejected[0].list_path, url_list.rejected)
+    # Also when none is rejected: lines rejected by an earlier run of a list since fixed are forgotten.
+    supervisor.reject_lines(url_list.path, url_list.rejected)
     logger.info(
-        f"{len(url_list.sources)} URL(s) from {list_path or args.urls_file}; {settings.run.workers} "
+        f"{len(url_list.sources)} URL(s) from {url_list.path}; {settings.run.workers} "
         f"worker(s); output {paths.output_dir}; logs {paths.log_dir}"
     )
     try:

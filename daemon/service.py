@@ -336,8 +336,9 @@ class Service:
         run = ListRun(path=path)
         self.lists[path] = run
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
+            # Bytes: each line is decoded on its own, so a stray byte costs its line, not the list.
+            text = path.read_bytes()
+        except OSError as exc:
             run.problems.append(f"{path.name}: cannot read the list: {exc}")
             logger.error(run.problems[-1])
             return

@@ -50,6 +50,7 @@ class Rejected:
 class UrlList:
     sources: list[Source]
     rejected: list[Rejected]
+    path: str = ""  # the list, as its lines name it ("<stdin>" for standard input)
 
     @property
     def problems(self) -> list[str]:
@@ -116,7 +117,7 @@ def read_url_list(path: Path, handle: BinaryIO, base_dir: Path | None = None) ->
             continue
         seen.add(url)
         sources.append(Source(url=url, video_id=video_id_for(url), line=number, list_path=str(path)))
-    return UrlList(sources=sources, rejected=rejected)
+    return UrlList(sources=sources, rejected=rejected, path=str(path))
 
 
 def parse_url_list(path: Path, text: str | bytes | None = None) -> UrlList:

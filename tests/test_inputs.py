@@ -4,6 +4,7 @@ hostile sizes and file kinds, and lists from pipes. Each bad input costs one lin
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -21,8 +22,9 @@ from daemon.clips import (
 )
 from daemon.urls import MAX_URL_LINE_BYTES, parse_url_list
 
-from conftest import ROOT, cli_command, run_cli, run_command
+from conftest import ROOT, cli_command, run_cli, run_command, wait_for
 from media import make_video
+from server import MediaServer
 
 BOM = b"\xef\xbb\xbf"
 
@@ -250,3 +252,32 @@ def test_a_list_that_is_not_there_or_a_folder_is_one_line(one_video: dict[str, P
     folder = list_run(one_video, "clips")
     assert folder.returncode == 2
     assert folder.stderr.strip() == "download_and_process: --urls-file clips: a folder, not a file"
+
+
+def test_the_service_reads_a_dropped_list_per_line(tmp_path: Path, server: MediaServer) -> None:
+    from test_service import Workspace
+
+    ws = Workspace(tmp_path, server)
+    good = ws.video("good", [(0, 10)])
+    service = ws.start()
+    try:
+        staging = tmp_path / "list.staging"
+        staging.write_bytes(BOM + good.encode() + b"\r\nhttp://127.0.0.1:9/\xff.mp4\r\n")
+        os.rename(staging, ws.inbox / "bytes.txt")
+        report = wait_for("bytes.txt in failed/", lambda: ws.filed("failed", "bytes.txt"))
+        assert f"done\t{good}\n" in report
+        assert "bytes.txt:2: not UTF-8 text (byte 0xff at column 20)" in report, report
+    finally:
+        assert ws.stop(service, signal.SIGTERM) == 0
+
+
+def test_a_fixed_list_forgets_the_lines_it_rejected_before(tmp_path: Path) -> None:
+    workspace = hostile_job(tmp_path)
+    workspace["urls"].write_text("good.mp4\nnot a url\n")
+    assert run_cli(workspace, "--workers", "1").returncode == 0
+    status = run_command([sys.executable, "-m", "daemon", "status", "-o", str(workspace["out"]), "--json"])
+    assert '"rejected_lines": 1' in status.stdout
+    workspace["urls"].write_text("good.mp4\n")
+    assert run_cli(workspace, "--workers", "1").returncode == 0
+    status = run_command([sys.executable, "-m", "daemon", "status", "-o", str(workspace["out"]), "--json"])
+    assert '"rejected_lines": 0' in status.stdout
