@@ -35,6 +35,7 @@ class Settled:
     problems: list[str]
     recorded: bool = False  # the ledger already says so (a failure from an earlier run)
     rejected_lines: int = 0
+    retryable: bool = False  # a failure the next run looks at again (a clip file the user can fix)
 
 
 def distinct_video_id(video_id: str, url: str) -> str:
@@ -77,7 +78,8 @@ class Planner:
         except FileNotFoundError:
             return Settled("skipped", f"no clip file {clip_path}", [])
         except (OSError, UnicodeDecodeError) as exc:
-            return Settled("failed", f"cannot read clip file {clip_path}: {exc}", [])
+            # Read again by the next run: nothing was fetched, and the user may fix the file.
+            return Settled("failed", f"cannot read clip file {clip_path}: {exc}", [], retryable=True)
         if not clip_file.clips:
             reason = f"clip file {clip_path} has no valid clip line"
             return Settled("skipped", reason, clip_file.problems, rejected_lines=clip_file.rejected_lines)

@@ -17,6 +17,10 @@ from daemon.messages import ClipFinished, SourceProbed
 
 EventSink = Callable[[str, dict[str, Any]], None]
 
+# Clip failures of one URL logged one by one; the rest are counted in one line when the URL ends
+# (a clip file of 100 000 clips past the end of a short video would otherwise log 100 000 lines).
+CLIP_FAILURES_LOGGED = 10
+
 
 @dataclass
 class Totals:
@@ -58,6 +62,7 @@ class Recorder:
         self.totals = Totals()
         # URL -> its final state for this run, so the summary counts each URL once.
         self.outcomes: dict[str, str] = {}
+        self._clip_failures: dict[str, int] = {}  # URL -> clip failures seen in its present try
 
     def conclude(
         self,
@@ -83,6 +88,7 @@ class Recorder:
             logger.warning(f"{url}: skipped: {error}")
         elif state == "failed":
             logger.error(f"{url}: failed: {error}") if update else logger.warning(f"{url}: {error}")
+        self.say_unlisted_clip_failures(url)
         previous = self.outcomes.get(url)
         if previous is not None:
             self.totals.urls[previous] -= 1
@@ -122,13 +128,23 @@ class Recorder:
             self.totals.clips_written += 1
             self.totals.frames += result.frames
             self.totals.bytes += result.bytes
-        elif failure.permanent:
-            self.totals.clips_failed += 1
-            logger.warning(failure.reason)
         else:
-            self.totals.clip_retries += 1
-            logger.warning(f"{failure.reason} (made again later)")
+            if failure.permanent:
+                self.totals.clips_failed += 1
+            else:
+                self.totals.clip_retries += 1
+            seen = self._clip_failures[message.url] = self._clip_failures.get(message.url, 0) + 1
+            if seen <= CLIP_FAILURES_LOGGED:
+                logger.warning(
+                    failure.reason if failure.permanent else f"{failure.reason} (made again later)"
+                )
         self.on_event("clip", {"url": message.url, "video_id": message.video_id, **_clip_data(message)})
+
+    def say_unlisted_clip_failures(self, url: str) -> None:
+        """The count of a URL's clip failures past those logged, once its try has ended."""
+        unlisted = self._clip_failures.pop(url, 0) - CLIP_FAILURES_LOGGED
+        if unlisted > 0:
+            logger.warning(f"{url}: {unlisted} more clip error(s) not listed (each is in the ledger)")
 
     def source(self, message: SourceProbed) -> None:
         meta = SourceMeta(message.codec, message.width, message.height, message.fps)

@@ -216,7 +216,9 @@ class Supervisor:
             self.on_event("problem", {"message": problem})
         self.recorder.totals.rejected_clip_lines += plan.rejected_lines
         if not isinstance(plan, Planned):
-            return self.recorder.conclude(source.url, plan.state, plan.error, update=not plan.recorded)
+            return self.recorder.conclude(
+                source.url, plan.state, plan.error, retryable=plan.retryable, update=not plan.recorded
+            )
         self._queue(plan.task)
         self.on_event("queued", {"url": source.url})
         # The first worker starts (a few seconds of imports) while the rest of the list is read.
@@ -323,6 +325,7 @@ class Supervisor:
         assert self.ledger is not None and self.recorder is not None
         url, task = message.url, handle.task
         handle.task = None
+        self.recorder.say_unlisted_clip_failures(url)
         if task is None:
             return
         left = tuple(clip for clip in task.clips if clip not in handle.settled)

@@ -265,8 +265,10 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def worker_main(index: int, conn: WorkerChannel, settings: Settings, paths: WorkerPaths) -> None:
     """Entry point of a worker process (spawned, so nothing CUDA-related is inherited)."""
-    # Ctrl-C reaches the whole process group; the supervisor decides how workers stop.
+    # Ctrl-C, and the hang-up of a closed terminal or SSH session, reach the whole process group;
+    # the supervisor decides how workers stop (in-flight clips first).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminate)
     _unmap_large_blocks()
     temp = Path(paths.temp_dir)

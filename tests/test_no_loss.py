@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -382,3 +383,73 @@ def test_two_sources_with_one_video_id_never_overwrite_each_other(
         f"{distinct(second)}_0000040_0000060.hevc",
         "walk_0000000_0000010.hevc",
     ]
+
+
+# --- inputs the user fixes, and a terminal that closes ------------------------------------------
+
+
+def test_a_refused_clip_file_is_read_again_by_a_plain_rerun(
+    server: MediaServer, workspace: dict[str, Path]
+) -> None:
+    url = server.add("v.mp4", make_video(workspace["media"] / "v.mp4", frames=30))
+    workspace["urls"].write_text(f"{url}\n")
+    clip_file = workspace["clips"] / "v.txt"
+    os.mkfifo(clip_file)
+    refused = run_cli(workspace, "--workers", "1")
+    assert refused.returncode == 1 and "not a regular file" in refused.stderr, refused.stderr
+    assert server.gets("v.mp4") == 0
+    clip_file.unlink()
+    clip_file.write_text("0 30\n")
+    fixed = run_cli(workspace, "--workers", "1")
+    assert fixed.returncode == 0, fixed.stderr
+    assert "failed earlier" not in fixed.stderr
+    assert decoded_indices(workspace["out"] / "v" / "v_0000000_0000030.hevc") == list(range(30))
+
+
+def test_clip_errors_of_one_url_are_logged_a_few_then_counted(
+    server: MediaServer, workspace: dict[str, Path]
+) -> None:
+    url = server.add("short.mp4", make_video(workspace["media"] / "short.mp4", frames=30))
+    workspace["urls"].write_text(f"{url}\n")
+    (workspace["clips"] / "short.txt").write_text(
+        "0 30\n" + "".join(f"{s} {s + 10}\n" for s in range(100, 400, 10))
+    )
+    done = run_cli(workspace, "--workers", "1")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("runs past the end of the source") == 10
+    assert f"{url}: 20 more clip error(s) not listed" in done.stderr
+    assert "clips written 1, clip errors 30;" in done.stderr
+    assert len([r for r in ledger_rows(workspace["out"] / "ledger.sqlite", "clips") if r["permanent"]]) == 30
+
+
+def test_a_hang_up_of_the_whole_session_lets_clips_in_flight_finish(
+    server: MediaServer, workspace: dict[str, Path]
+) -> None:
+    url = server.add("long.mp4", make_video(workspace["media"] / "long.mp4", frames=300))
+    workspace["urls"].write_text(f"{url}\n")
+    (workspace["clips"] / "long.txt").write_text("0 300\n")
+    process = subprocess.Popen(
+        cli_command(workspace, "--workers", "1"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's job is
+    )
+    try:
+        ledger = workspace["out"] / "ledger.sqlite"
+        wait_for(
+            "the clip in flight",
+            lambda: ledger.exists() and [r["stage"] for r in ledger_rows(ledger)] == ["process"],
+            120,
+        )
+        os.killpg(process.pid, signal.SIGHUP)  # what a closing terminal sends: to every process in it
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert "SIGHUP: finishing in-flight clips" in (workspace["out"] / "logs" / "supervisor.log").read_text()
+    assert "worker 0 died" not in stderr, stderr
+    assert decoded_indices(workspace["out"] / "long" / "long_0000000_0000300.hevc") == list(range(300))
+    assert process.returncode == 0, stderr
