@@ -382,12 +382,12 @@ def dry_run(settings: Settings, url_list: UrlList, clip_dir: Path, output_dir: P
     made are named as such."""
     from daemon.clips import clip_file_path, read_clip_file
     from daemon.folders import LEDGER_NAME, state_dir_of
-    from daemon.ledger import Ledger
+    from daemon.ledger_view import LedgerView
 
     made: dict[str, set[tuple[int, int]]] = {}
     ledger_path = state_dir_of("run", None, output_dir.resolve(), settings) / LEDGER_NAME
     if ledger_path.is_file():
-        ledger = Ledger(ledger_path, readonly=True)
+        ledger = LedgerView(ledger_path)
         try:
             for video_id in {source.video_id for source in url_list.sources}:
                 made[video_id] = {

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 SCHEMA = """
@@ -62,7 +63,18 @@ CREATE TABLE IF NOT EXISTS rejected_lines (
 );
 """
 
-URL_STATES = ("pending", "running", "done", "skipped", "failed")
+
+class UrlState(StrEnum):
+    """Where a URL stands in the ledger (its `state` column)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+ENDED_STATES = (UrlState.DONE, UrlState.SKIPPED, UrlState.FAILED)
 
 # Columns added after the first release, so ledgers made before them gain them on open. A column is
 # only ever added (SQLite's ADD COLUMN is cheap and keeps old rows, with NULL in the new column).
@@ -122,18 +134,6 @@ class ClipRow:
 
 
 @dataclass(frozen=True)
-class Condition:
-    """Something larger than one URL that work waits for: a full disk, a site that blocks us."""
-
-    scope: str  # "disk" or "site"
-    key: str  # the folder, or the site
-    reason: str
-    since: float  # Unix time
-    next_try: float | None  # Unix time of the next look or probe, where known
-    waiting: int  # URLs held back by it
-
-
-@dataclass(frozen=True)
 class SourceMeta:
     codec: str
     width: int
@@ -141,73 +141,77 @@ class SourceMeta:
     fps: float | None
 
 
-@dataclass(frozen=True)
-class RunningUrl:
-    worker: int
-    url: str
-    video_id: str
-    phase: str | None  # queued, download or process
-    started_at: float | None  # Unix time
-    node: str | None  # the machine the worker runs on
+class LedgerReader:
+    """What both the supervisor's ledger and a read-only view read: a URL's row, a video's clips."""
+
+    path: Path
+    _db: sqlite3.Connection
+
+    def _columns(self, table: str) -> set[str]:
+        return {row[1] for row in self._db.execute(f"PRAGMA table_info({table})").fetchall()}
+
+    def close(self) -> None:
+        self._db.close()
+
+    def url(self, url: str) -> UrlRow | None:
+        row = self._db.execute("SELECT * FROM urls WHERE url = ?", (url,)).fetchone()
+        if row is None:
+            return None
+        return UrlRow(
+            url=row["url"],
+            video_id=row["video_id"],
+            state=row["state"],
+            crashes=row["crashes"],
+            attempts=row["attempts"],
+            error=row["error"],
+            retryable=bool(row["retryable"]),
+        )
+
+    def clips(self, video_id: str) -> list[ClipRow]:
+        rows = self._db.execute(
+            f"SELECT *, {_PERMANENT_CLIP} AS is_permanent FROM clips WHERE video_id = ?"
+            " ORDER BY start_frame, end_frame",
+            (video_id,),
+        ).fetchall()
+        return [
+            ClipRow(
+                video_id=r["video_id"],
+                start_frame=r["start_frame"],
+                end_frame=r["end_frame"],
+                state=r["state"],
+                path=r["path"],
+                frames=r["frames"],
+                bytes=r["bytes"],
+                error=r["error"],
+                permanent=r["state"] == "failed" and bool(r["is_permanent"]),
+            )
+            for r in rows
+        ]
 
 
-@dataclass(frozen=True)
-class ClipTotals:
-    written: int
-    failed: int
-    frames: int  # of the clips written
-    bytes: int
+class Ledger(LedgerReader):
+    """The supervisor's ledger, the only writer: opened (and created, whole) read-write."""
 
-
-@dataclass(frozen=True)
-class WrittenClip:
-    """A clip written, with what is known of its source: one row of the dataset's manifest."""
-
-    video_id: str
-    url: str
-    start_frame: int
-    end_frame: int
-    path: str
-    frames: int | None
-    fps: float | None
-    width: int | None
-    height: int | None
-    bytes: int | None
-    sha256: str | None
-    source_codec: str | None
-    source_width: int | None
-    source_height: int | None
-    source_fps: float | None
-    made_at: float  # Unix time the clip was finished
-
-
-class Ledger:
-    def __init__(self, path: Path, readonly: bool = False) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        if readonly:
-            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-        else:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                if not path.exists():
-                    _create(path)
-                self._db = sqlite3.connect(path, timeout=30)
-                self._db.execute("PRAGMA journal_mode=WAL")
-                # WAL with NORMAL loses at most the last commits on power loss, never consistency;
-                # a lost 'clip done' row only means that clip is made again.
-                self._db.execute("PRAGMA synchronous=NORMAL")
-                self._db.executescript(SCHEMA)
-                self._add_columns()
-            except (sqlite3.Error, OSError) as exc:
-                raise self._error(exc) from exc
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                _create(path)
+            self._db = sqlite3.connect(path, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # WAL with NORMAL loses at most the last commits on power loss, never consistency;
+            # a lost 'clip done' row only means that clip is made again.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+            self._add_columns()
+        except (sqlite3.Error, OSError) as exc:
+            raise self._error(exc) from exc
         self._db.row_factory = sqlite3.Row
 
     def _error(self, exc: BaseException) -> LedgerError:
         what = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return LedgerError(f"ledger {self.path} cannot be written: {what} (state folder {self.path.parent})")
-
-    def _columns(self, table: str) -> set[str]:
-        return {row[1] for row in self._db.execute(f"PRAGMA table_info({table})").fetchall()}
 
     def _add_columns(self) -> None:
         with self._tx() as db:
@@ -216,9 +220,6 @@ class Ledger:
                 for name, kind in columns:
                     if name not in have:
                         db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
-
-    def close(self) -> None:
-        self._db.close()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -240,20 +241,6 @@ class Ledger:
         row = self.url(url)
         assert row is not None
         return row
-
-    def url(self, url: str) -> UrlRow | None:
-        row = self._db.execute("SELECT * FROM urls WHERE url = ?", (url,)).fetchone()
-        if row is None:
-            return None
-        return UrlRow(
-            url=row["url"],
-            video_id=row["video_id"],
-            state=row["state"],
-            crashes=row["crashes"],
-            attempts=row["attempts"],
-            error=row["error"],
-            retryable=bool(row["retryable"]),
-        )
 
     def url_with_video_id(self, video_id: str, other_than: str) -> str | None:
         """Another URL that already holds `video_id`, if one does."""
@@ -349,12 +336,6 @@ class Ledger:
             db.execute("DELETE FROM conditions")
         return cursor.rowcount
 
-    def counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(URL_STATES, 0)
-        for state, count in self._db.execute("SELECT state, COUNT(*) FROM urls GROUP BY state").fetchall():
-            counts[state] = count
-        return counts
-
     # --- rejected URL-list lines --------------------------------------------------------------
 
     def set_rejected_lines(self, list_path: str, lines: list[tuple[int, str, str]]) -> None:
@@ -367,11 +348,6 @@ class Ledger:
                 " VALUES (?, ?, ?, ?, ?)",
                 [(list_path, line, text, reason, now) for line, text, reason in lines],
             )
-
-    def rejected_line_count(self) -> int:
-        if not self._columns("rejected_lines"):
-            return 0  # a ledger from before rejected lines were kept, opened read-only
-        return int(self._db.execute("SELECT COUNT(*) FROM rejected_lines").fetchone()[0])
 
     # --- conditions: what the run waits for (a full disk, a blocked site) -------------------
 
@@ -395,117 +371,12 @@ class Ledger:
             else:
                 db.execute("DELETE FROM conditions WHERE scope = ? AND key = ?", (scope, key))
 
-    def conditions(self) -> list[Condition]:
-        if not self._columns("conditions"):
-            return []  # a ledger from before conditions were kept, opened read-only
-        rows = self._db.execute(
-            "SELECT scope, key, reason, since, next_try, waiting FROM conditions ORDER BY since"
-        ).fetchall()
-        return [Condition(*row) for row in rows]
-
     def set_source(self, url: str, source: SourceMeta) -> None:
         with self._tx() as db:
             db.execute(
                 "UPDATE urls SET source_codec=?, source_width=?, source_height=?, source_fps=? WHERE url = ?",
                 (source.codec, source.width, source.height, source.fps, url),
             )
-
-    def written_clips(self) -> list[WrittenClip]:
-        """Every clip recorded as written, by video and frame; read-only ledgers from before the
-        newer columns existed give None there."""
-        clip_cols, url_cols = self._columns("clips"), self._columns("urls")
-
-        def column(table: str, name: str, have: set[str]) -> str:
-            return f"{table}.{name}" if name in have else f"NULL AS {name}"
-
-        added = [column("c", name, clip_cols) for name, _ in ADDED_COLUMNS["clips"]]
-        added += [column("u", name, url_cols) for name, _ in ADDED_COLUMNS["urls"]]
-        rows = self._db.execute(
-            "SELECT c.video_id, c.url, c.start_frame, c.end_frame, c.path, c.frames, c.bytes,"
-            f" c.finished_at, {', '.join(added)}"
-            " FROM clips AS c LEFT JOIN urls AS u ON u.url = c.url"
-            " WHERE c.state = 'done' AND c.path IS NOT NULL"
-            " ORDER BY c.video_id, c.start_frame, c.end_frame"
-        ).fetchall()
-        return [
-            WrittenClip(
-                video_id=r["video_id"],
-                url=r["url"],
-                start_frame=r["start_frame"],
-                end_frame=r["end_frame"],
-                path=r["path"],
-                frames=r["frames"],
-                fps=r["fps"],
-                width=r["width"],
-                height=r["height"],
-                bytes=r["bytes"],
-                sha256=r["sha256"],
-                source_codec=r["source_codec"],
-                source_width=r["source_width"],
-                source_height=r["source_height"],
-                source_fps=r["source_fps"],
-                made_at=r["finished_at"],
-            )
-            for r in rows
-        ]
-
-    # --- what `status` reports ---------------------------------------------------------------
-
-    def running(self) -> list[RunningUrl]:
-        """URLs a worker holds now, by worker."""
-        # A ledger from before nodes were recorded, opened read-only, has no column to read.
-        node = "node" if "node" in self._columns("urls") else "NULL AS node"
-        rows = self._db.execute(
-            f"SELECT worker, url, video_id, stage, started_at, {node} FROM urls"
-            " WHERE state = 'running' ORDER BY worker"
-        )
-        return [
-            RunningUrl(r["worker"], r["url"], r["video_id"], r["stage"], r["started_at"], r["node"])
-            for r in rows
-        ]
-
-    def urls_ended_since(self, since: float) -> int:
-        row = self._db.execute(
-            "SELECT COUNT(*) FROM urls WHERE state IN ('done', 'skipped', 'failed') AND finished_at >= ?",
-            (since,),
-        ).fetchone()
-        return int(row[0])
-
-    def clip_totals_since(self, since: float) -> ClipTotals:
-        row = self._db.execute(
-            "SELECT COALESCE(SUM(state = 'done'), 0), COALESCE(SUM(state = 'failed'), 0),"
-            " COALESCE(SUM(CASE WHEN state = 'done' THEN frames END), 0),"
-            " COALESCE(SUM(CASE WHEN state = 'done' THEN bytes END), 0)"
-            " FROM clips WHERE finished_at >= ?",
-            (since,),
-        ).fetchone()
-        return ClipTotals(*(int(value) for value in row))
-
-    def recent_errors(self, limit: int) -> list[tuple[str, str, float]]:
-        """(url, error, Unix time) of the latest failed URLs and clips, newest first."""
-        rows = self._db.execute(
-            "SELECT url, error, at FROM ("
-            " SELECT url, error, finished_at AS at FROM urls WHERE state = 'failed' AND error IS NOT NULL"
-            " UNION ALL"
-            " SELECT url, error, finished_at AS at FROM clips WHERE state = 'failed'"
-            ") ORDER BY at DESC LIMIT ?",
-            (limit,),
-        )
-        return [(r["url"], r["error"], r["at"]) for r in rows]
-
-    def failures(self) -> list[tuple[str, int | None, int | None, str, float]]:
-        """(url, start_frame, end_frame, error, Unix time) of every failed URL (frames None) and every
-        failed clip, oldest first: `status --failed`."""
-        rows = self._db.execute(
-            "SELECT url, start_frame, end_frame, error, at FROM ("
-            " SELECT url, NULL AS start_frame, NULL AS end_frame, COALESCE(error, '') AS error,"
-            "  COALESCE(finished_at, added_at) AS at FROM urls WHERE state = 'failed'"
-            " UNION ALL"
-            " SELECT url, start_frame, end_frame, COALESCE(error, ''), finished_at FROM clips"
-            "  WHERE state = 'failed'"
-            ") ORDER BY at, url, start_frame"
-        )
-        return [(r["url"], r["start_frame"], r["end_frame"], r["error"], r["at"]) for r in rows]
 
     # --- clips ------------------------------------------------------------------------------
 
@@ -549,27 +420,6 @@ class Ledger:
                     int(permanent),
                 ),
             )
-
-    def clips(self, video_id: str) -> list[ClipRow]:
-        rows = self._db.execute(
-            f"SELECT *, {_PERMANENT_CLIP} AS is_permanent FROM clips WHERE video_id = ?"
-            " ORDER BY start_frame, end_frame",
-            (video_id,),
-        ).fetchall()
-        return [
-            ClipRow(
-                video_id=r["video_id"],
-                start_frame=r["start_frame"],
-                end_frame=r["end_frame"],
-                state=r["state"],
-                path=r["path"],
-                frames=r["frames"],
-                bytes=r["bytes"],
-                error=r["error"],
-                permanent=r["state"] == "failed" and bool(r["is_permanent"]),
-            )
-            for r in rows
-        ]
 
 
 def _create(path: Path) -> None:

@@ -144,10 +144,6 @@ def log_streams(log_dir: Path, worker: int | None) -> dict[str, list[Path]]:
     return {stream: streams[stream] for stream in sorted(streams, key=order)}
 
 
-def log_files(log_dir: Path, worker: int | None) -> list[Path]:
-    return [path for files in log_streams(log_dir, worker).values() for path in files]
-
-
 def line_time(line: str) -> float | None:
     """When a log line was written, for a line that starts a record (text or JSON); else None."""
     match = _STAMP.match(line)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from daemon.extras import installed, pip_line
-from daemon.ledger import Ledger, WrittenClip
+from daemon.ledger_view import LedgerView, WrittenClip
 
 FORMATS = ("jsonl", "csv", "parquet")
 # The columns, in order, and their Parquet types.
@@ -158,7 +158,7 @@ def write_manifest(ledger_path: Path, target: Path, fmt: str) -> Written:
     if not ledger_path.is_file():
         raise ManifestError(f"no ledger at {ledger_path}; give --output-dir or --state-dir of a run")
     try:
-        ledger = Ledger(ledger_path, readonly=True)
+        ledger = LedgerView(ledger_path)
         try:
             clips = ledger.written_clips()
         finally:

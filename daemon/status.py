@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from daemon.folders import LOCK_NAME, STATUS_FILE
-from daemon.ledger import URL_STATES, Ledger
+from daemon.ledger import UrlState
+from daemon.ledger_view import LedgerView
 from daemon.locking import held_here
 
 
@@ -114,7 +115,7 @@ def read_status(ledger_path: Path, minutes: float = 10.0, error_count: int = 5) 
     now = time.time()
     since = now - minutes * 60
     try:
-        ledger = Ledger(ledger_path, readonly=True)
+        ledger = LedgerView(ledger_path)
         try:
             counts = ledger.counts()
             rejected = ledger.rejected_line_count()
@@ -124,7 +125,7 @@ def read_status(ledger_path: Path, minutes: float = 10.0, error_count: int = 5) 
             ]
             ended = ledger.urls_ended_since(since)
             clips = ledger.clip_totals_since(since)
-            busy = _busy_seconds(ledger_path, since, now, bool(workers))
+            busy = ledger.busy_seconds(since, now, bool(workers))
             errors = [ErrorRow(url, error, at) for url, error, at in ledger.recent_errors(error_count)]
             conditions = [
                 WaitingOn(c.scope, c.key, c.reason, c.since, c.next_try, c.waiting)
@@ -137,7 +138,7 @@ def read_status(ledger_path: Path, minutes: float = 10.0, error_count: int = 5) 
     throughput = Throughput(minutes, ended, clips.written, clips.failed, clips.frames, clips.bytes, busy)
     return Status(
         ledger=str(ledger_path),
-        counts={state: counts.get(state, 0) for state in URL_STATES},
+        counts={state.value: counts.get(state, 0) for state in UrlState},
         rejected_lines=rejected,
         workers=workers,
         throughput=throughput,
@@ -148,32 +149,12 @@ def read_status(ledger_path: Path, minutes: float = 10.0, error_count: int = 5) 
     )
 
 
-def _busy_seconds(ledger_path: Path, since: float, now: float, running: bool) -> float:
-    """The seconds of [since, now] work went on (see Throughput.busy_seconds)."""
-    db = sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True, timeout=30)
-    try:
-        first, last_url = db.execute(
-            "SELECT MIN(started_at), MAX(finished_at) FROM urls"
-            " WHERE started_at IS NOT NULL AND (state = 'running' OR finished_at >= ?)",
-            (since,),
-        ).fetchone()
-        (last_clip,) = db.execute(
-            "SELECT MAX(finished_at) FROM clips WHERE finished_at >= ?", (since,)
-        ).fetchone()
-    finally:
-        db.close()
-    if first is None:
-        return 0.0
-    end = now if running else max(value for value in (last_url, last_clip, first) if value is not None)
-    return max(0.0, min(end, now) - max(first, since))
-
-
 def read_failures(ledger_path: Path) -> list[Failure]:
     """Every failed URL and clip, oldest first, each with its reason."""
     if not ledger_path.is_file():
         raise StatusError(f"no ledger at {ledger_path}; give --output-dir or --state-dir of a run")
     try:
-        ledger = Ledger(ledger_path, readonly=True)
+        ledger = LedgerView(ledger_path)
         try:
             return [Failure(*row) for row in ledger.failures()]
         finally:

@@ -51,6 +51,7 @@ LAYERS: list[set[str]] = [
         "daemon.folders",
         "daemon.config",
         "daemon.ledger",
+        "daemon.ledger_view",
         "daemon.clips",
         "daemon.extras",
         "daemon.logs",

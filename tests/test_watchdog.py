@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 import pytest
 
-from daemon.ledger import Ledger
+from daemon.ledger_view import LedgerView
 
 from conftest import FAST_CONFIG, run_cli, run_module
 from media import decoded_indices, make_video
@@ -23,7 +23,7 @@ STALL_CONFIG = FAST_CONFIG.replace("[run]\n", "[run]\nstall_seconds = 2.0\n")
 
 
 def failed_error(out: Path, url: str) -> str:
-    ledger = Ledger(out / "ledger.sqlite", readonly=True)
+    ledger = LedgerView(out / "ledger.sqlite")
     try:
         row = ledger.url(url)
         assert row is not None and row.state == "failed", row
