@@ -314,6 +314,7 @@ def read_urls_file(given: Path) -> UrlList:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from daemon.checks import check_encoder, check_gpu, check_stages, loaded_line
     from daemon.folders import RunPaths
     from daemon.ledger import LedgerError
     from daemon.progress import ProgressView
@@ -324,7 +325,10 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--input-clip-dir {args.input_clip_dir}: no such folder")
     url_list = read_urls_file(args.urls_file)
     if args.dry_run:
-        return dry_run(settings, url_list, args.input_clip_dir, args.output_dir)
+        from daemon.dryrun import dry_run
+
+        dry_run(settings, url_list, args.input_clip_dir, args.output_dir)
+        return EXIT_OK
     paths = RunPaths.from_settings(settings, args.input_clip_dir, args.output_dir)
     paths.check_writable()
     # Before the log is opened: a refused run writes nothing into the running one's log.
@@ -339,7 +343,7 @@ def _run(args: argparse.Namespace) -> int:
     check_stages(settings)
     backends = check_gpu(settings)
     check_encoder(settings, backends)
-    logger.info(loaded_line(config_path(args), settings, backends, paths.output_dir))
+    logger.info(loaded_line(config_path(args), settings, backends, paths.output_dir, DEFAULT_CONFIG))
     for problem in url_list.problems:
         logger.warning(problem)
 
@@ -376,142 +380,6 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_FAILED if "failed" in supervisor.outcomes.values() else EXIT_OK
 
 
-def dry_run(settings: Settings, url_list: UrlList, clip_dir: Path, output_dir: Path) -> int:
-    """--dry-run: per URL, what would be fetched and which clips made, on standard output. Nothing is
-    downloaded and nothing written; the ledger, when there is one, is only read, so clips already
-    made are named as such."""
-    from daemon.clips import clip_file_path, read_clip_file
-    from daemon.folders import LEDGER_NAME, state_dir_of
-    from daemon.ledger_view import LedgerView
-
-    made: dict[str, set[tuple[int, int]]] = {}
-    ledger_path = state_dir_of("run", None, output_dir.resolve(), settings) / LEDGER_NAME
-    if ledger_path.is_file():
-        ledger = LedgerView(ledger_path)
-        try:
-            for video_id in {source.video_id for source in url_list.sources}:
-                made[video_id] = {
-                    (row.start_frame, row.end_frame)
-                    for row in ledger.clips(video_id)
-                    if row.state == "done" and row.path and Path(row.path).is_file()
-                }
-        finally:
-            ledger.close()
-    for problem in url_list.problems:
-        print(f"rejected: {problem}")
-    fetches = clips_to_make = 0
-    for source in url_list.sources:
-        clip_path = clip_file_path(clip_dir, source.video_id)
-        try:
-            clip_file = read_clip_file(clip_path)
-        except FileNotFoundError:
-            print(f"skip  {source.url} ({source.video_id}): no clip file {clip_path}")
-            continue
-        except OSError as exc:
-            print(f"fail  {source.url} ({source.video_id}): cannot read clip file {clip_path}: {exc}")
-            continue
-        for problem in clip_file.problems:
-            print(f"rejected: {problem}")
-        done = made.get(source.video_id, set())
-        todo = [clip for clip in clip_file.clips if (clip.start_frame, clip.end_frame) not in done]
-        if not clip_file.clips:
-            print(f"skip  {source.url} ({source.video_id}): no valid clip line in {clip_path}")
-            continue
-        if not todo:
-            print(f"done  {source.url} ({source.video_id}): all {len(clip_file.clips)} clip(s) made")
-            continue
-        fetches += 1
-        clips_to_make += len(todo)
-        how = "use  " if source.is_local else "fetch"
-        made_before = len(clip_file.clips) - len(todo)
-        already = f"; {made_before} already made" if made_before else ""
-        print(f"{how} {source.url} ({source.video_id}): {len(todo)} clip(s) to make{already}")
-        for clip in todo:
-            target = f"{source.video_id}/{clip.file_name(source.video_id)}"
-            print(f"        {clip.start_frame} {clip.end_frame} -> {target}")
-    print(
-        f"dry run: {len(url_list.sources)} URL(s), {fetches} to fetch, {clips_to_make} clip(s) to make; "
-        f"{len(url_list.rejected)} list line(s) rejected; nothing fetched"
-    )
-    return EXIT_OK
-
-
-def check_encoder(settings: Settings, backends: str) -> None:
-    """Open libx265 once with the configured options and encode one frame, so an option it refuses
-    stops the run here, not at every URL after its download."""
-    if "encode x265" not in backends:
-        return
-    import tempfile
-
-    import numpy as np
-
-    from daemon.encode import X265Encoder
-
-    width, height = settings.output.width, settings.output.height
-    with tempfile.TemporaryDirectory(prefix="download_and_process-check-") as folder:
-        try:
-            target = Path(folder) / "check.hevc"
-            encoder = X265Encoder(target, width, height, settings.fps, settings.encode, 1)
-            try:
-                encoder.write(np.zeros((1, height, width, 3), dtype=np.uint8))
-                encoder.finish(1)
-            finally:
-                encoder.abort()
-        except Exception as exc:  # noqa: BLE001 - any refusal is the configuration's, said in one line
-            raise ConfigError(
-                f"encode: libx265 refuses the configured options (preset {settings.encode.preset!r}, "
-                f"x265-params from encode.*): {exc}"
-            ) from exc
-
-
-def check_stages(settings: Settings) -> None:
-    """Build every stage once before any download, so a missing model or package stops the run at once."""
-    from daemon.extras import MissingExtra, require_for_settings
-
-    try:
-        require_for_settings(settings)
-    except MissingExtra as exc:
-        raise ConfigError(str(exc)) from exc
-    if set(settings.stages) <= {"resize"}:
-        return  # nothing to load, and no reason to import torch in the supervisor
-    from daemon.stages import build_stages
-
-    try:
-        build_stages(settings, "cpu")
-    except (FileNotFoundError, ImportError, ValueError, NotImplementedError) as exc:
-        raise ConfigError(f"stages: {exc}") from exc
-
-
-def check_gpu(settings: Settings) -> str:
-    """The backend the workers will choose, in words; encode.codec = "gpu" without a usable GPU stops
-    the run here, before any download (exit 2)."""
-    from daemon.gpu.probe import GpuUnavailable, select_backends
-
-    if settings.run.backend == "ray":
-        # The workers run on the cluster's nodes, not here: each probes its own GPU.
-        return f'chosen on its Ray node (encode.codec = "{settings.encode.codec}")'
-
-    try:
-        # Without an NVIDIA driver this answers at once; with one, a child process probes the GPU.
-        choice, device_name = select_backends(settings)
-    except GpuUnavailable as exc:
-        raise ConfigError(str(exc)) from exc
-    where = f" on GPU {settings.run.device_id} ({device_name})" if device_name else ""
-    return f"{'gpu' if choice.uses_gpu else 'cpu'} ({choice.describe()}{where})"
-
-
-def loaded_line(config: Path | None, settings: Settings, backend: str, output_dir: Path) -> str:
-    """What this run is about to do, as the first log line: which settings, stages, backend, output."""
-    if config is None:
-        where = f"built-in defaults (no --config, and no {DEFAULT_CONFIG} in {Path.cwd()})"
-    else:
-        where = f"config {config.resolve()}"
-    return (
-        f"{where}; stages {', '.join(settings.stages)}; "
-        f"{settings.run.workers} worker(s), each {backend}; output {output_dir}"
-    )
-
-
 def _manifest(args: argparse.Namespace) -> int:
     from daemon.folders import LEDGER_NAME, state_dir_of
     from daemon.manifest import ManifestError, write_manifest
@@ -532,6 +400,7 @@ def _manifest(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     """`serve`: returns the exit status (0 after a requested stop)."""
+    from daemon.checks import check_encoder, check_gpu, check_stages, loaded_line
     from daemon.folders import RunPaths, folder_problem
     from daemon.ledger import LedgerError
     from daemon.service import InboxError, Service
@@ -570,7 +439,7 @@ def _serve(args: argparse.Namespace) -> int:
     backends = check_gpu(settings)
     check_encoder(settings, backends)
     # The first line says what was loaded, as `run`'s does.
-    logger.info(loaded_line(config_path(args), settings, backends, paths.output_dir))
+    logger.info(loaded_line(config_path(args), settings, backends, paths.output_dir, DEFAULT_CONFIG))
     address = args.metrics_address if args.metrics_address is not None else service.metrics_address
     runner = Service(settings, paths, inbox.resolve(), address, lock=lock)
     logger.info(

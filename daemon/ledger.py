@@ -167,6 +167,14 @@ class LedgerReader:
             retryable=bool(row["retryable"]),
         )
 
+    def url_with_video_id(self, video_id: str, other_than: str) -> str | None:
+        """Another URL that already holds `video_id`, if one does."""
+        row = self._db.execute(
+            "SELECT url FROM urls WHERE video_id = ? AND url != ? ORDER BY added_at LIMIT 1",
+            (video_id, other_than),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
     def clips(self, video_id: str) -> list[ClipRow]:
         rows = self._db.execute(
             f"SELECT *, {_PERMANENT_CLIP} AS is_permanent FROM clips WHERE video_id = ?"
@@ -241,14 +249,6 @@ class Ledger(LedgerReader):
         row = self.url(url)
         assert row is not None
         return row
-
-    def url_with_video_id(self, video_id: str, other_than: str) -> str | None:
-        """Another URL that already holds `video_id`, if one does."""
-        row = self._db.execute(
-            "SELECT url FROM urls WHERE video_id = ? AND url != ? ORDER BY added_at LIMIT 1",
-            (video_id, other_than),
-        ).fetchone()
-        return None if row is None else str(row[0])
 
     def added_before(self, url: str, other: str) -> bool:
         """Whether `url` was first seen before `other` (the earlier one keeps a shared id)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from loguru import logger
 
 from daemon.clips import Clip, clip_file_path, read_clip_file
-from daemon.ledger import Ledger
+from daemon.ledger import Ledger, LedgerReader
 from daemon.messages import Task
 from daemon.urls import Source
 
@@ -83,7 +83,7 @@ class Planner:
         if not clip_file.clips:
             reason = f"clip file {clip_path} has no valid clip line"
             return Settled("skipped", reason, clip_file.problems, rejected_lines=clip_file.rejected_lines)
-        made, impossible = self.finished_clips(video_id)
+        made, impossible = finished_clips(self.ledger, video_id)
         missing = [clip for clip in clip_file.clips if clip not in made and clip not in impossible]
         if not missing:
             return Settled("done", None, clip_file.problems, rejected_lines=clip_file.rejected_lines)
@@ -103,15 +103,16 @@ class Planner:
         )
         return Planned(task, clip_file.problems, clip_file.rejected_lines)
 
-    def finished_clips(self, video_id: str) -> tuple[set[Clip], set[Clip]]:
-        """Clips made (and still on disk), and clips that can never be made (past the source's end).
-        A clip that failed for any other reason is neither: it is made again."""
-        made: set[Clip] = set()
-        impossible: set[Clip] = set()
-        for row in self.ledger.clips(video_id):
-            clip = Clip(row.start_frame, row.end_frame)
-            if row.state == "failed" and row.permanent:
-                impossible.add(clip)
-            elif row.state == "done" and row.path and Path(row.path).is_file():
-                made.add(clip)
-        return made, impossible
+
+def finished_clips(ledger: LedgerReader, video_id: str) -> tuple[set[Clip], set[Clip]]:
+    """Clips made (and still on disk), and clips that can never be made (past the source's end).
+    A clip that failed for any other reason is neither: it is made again."""
+    made: set[Clip] = set()
+    impossible: set[Clip] = set()
+    for row in ledger.clips(video_id):
+        clip = Clip(row.start_frame, row.end_frame)
+        if row.state == "failed" and row.permanent:
+            impossible.add(clip)
+        elif row.state == "done" and row.path and Path(row.path).is_file():
+            made.add(clip)
+    return made, impossible

@@ -14,7 +14,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "daemon"
 # Top to bottom. A module may import modules of its own layer or below, never above.
 LAYERS: list[set[str]] = [
     {"daemon.cli", "daemon.__main__"},
-    {"daemon.service", "daemon.status", "daemon.manifest", "daemon.progress"},
+    {
+        "daemon.service",
+        "daemon.status",
+        "daemon.manifest",
+        "daemon.progress",
+        "daemon.checks",
+        "daemon.dryrun",
+    },
     {"daemon.supervisor"},
     {"daemon.planning", "daemon.recording", "daemon.policy"},
     {"daemon.links", "daemon.ray_links"},

@@ -325,7 +325,7 @@ def test_a_bad_setting_is_one_line_before_any_download(
 def test_an_encoder_is_opened_at_start_up_with_the_configured_options() -> None:
     """What the settings' own checks let through and libx265 refuses stops the run before any
     download: here a preset unknown to libx265, put past the checks."""
-    from daemon.cli import check_encoder
+    from daemon.checks import check_encoder
     from daemon.config import ConfigError, EncodeSettings, Settings
 
     settings = Settings()
