@@ -53,6 +53,7 @@ LAYERS: list[set[str]] = [
         "daemon.extras",
         "daemon.logs",
         "daemon.urls",
+        "daemon.sites",
         "daemon.diskspace",
         "daemon.locking",
         "daemon.metrics",
