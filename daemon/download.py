@@ -185,6 +185,39 @@ class _YtdlpLog:
         logger.debug(_clean(message))
 
 
+JS_RUNTIME_INSTALL = "pip install 'yt-dlp[default]' deno"
+
+
+def js_runtimes() -> dict[str, dict[str, str]]:
+    """yt-dlp's js_runtimes option: the Deno binary the `deno` package installs (YouTube needs a
+    JavaScript runtime), else yt-dlp's own search for deno on the PATH."""
+    try:
+        import deno
+
+        return {"deno": {"path": str(deno.find_deno_bin())}}
+    except (ImportError, OSError):
+        return {"deno": {}}
+
+
+def js_runtime_line(settings: DownloadSettings) -> tuple[bool, str]:
+    """Which JavaScript runtime yt-dlp will use, in one line; False when it has none."""
+    from yt_dlp.globals import supported_js_runtimes
+
+    runtimes = settings.extra_options.get("js_runtimes") or js_runtimes()
+    for name, config in runtimes.items():
+        runtime = supported_js_runtimes.value.get(name)
+        info = runtime(path=(config or {}).get("path")).info if runtime else None
+        if info is not None and info.supported is not False:
+            return (
+                True,
+                f"yt-dlp's JavaScript runtime (YouTube needs one): {info.name} {info.version} ({info.path})",
+            )
+    return False, (
+        "yt-dlp finds no JavaScript runtime: YouTube extraction may miss formats or fail; "
+        f"install one with: {JS_RUNTIME_INSTALL}"
+    )
+
+
 def ytdlp_options(settings: DownloadSettings, output: OutputSettings, folder: Path) -> dict[str, Any]:
     from yt_dlp.utils import parse_bytes
 
@@ -205,6 +238,7 @@ def ytdlp_options(settings: DownloadSettings, output: OutputSettings, folder: Pa
         "socket_timeout": settings.socket_timeout_seconds,
         "restrictfilenames": True,
         "windowsfilenames": False,
+        "js_runtimes": js_runtimes(),
     }
     if settings.cookies_file:
         options["cookiefile"] = str(Path(settings.cookies_file).expanduser())

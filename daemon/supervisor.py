@@ -175,6 +175,20 @@ class Supervisor:
         shutil.rmtree(self.paths.temp_root, ignore_errors=True)
         self.paths.temp_root.mkdir(parents=True, exist_ok=True)
         self.launcher = start_launcher(self.settings)
+        self._say_js_runtime()
+
+    def _say_js_runtime(self) -> None:
+        """Once per run: which JavaScript runtime yt-dlp will use for YouTube, or how to get one."""
+        from daemon.download import js_runtime_line
+
+        try:
+            found, line = js_runtime_line(self.settings.download)
+        except ImportError:
+            return  # a light install without yt-dlp downloads nothing
+        if found:
+            logger.info(line)
+        else:
+            logger.warning(line)
 
     def close(self) -> None:
         self._stop_all_workers(force=True)

@@ -15,11 +15,11 @@ import yt_dlp.extractor.youtube._video as youtube_video
 from yt_dlp.utils import DownloadError, ExtractorError
 
 from daemon.config import load_settings
-from daemon.download import DownloadFailure, classify, download
+from daemon.download import JS_RUNTIME_INSTALL, DownloadFailure, classify, download, js_runtime_line
 from daemon.failures import Kind, Scope
 from daemon.sites import BLOCK_TEXTS, SiteBreakers, block_text, retry_after_seconds, site_of
 
-from conftest import FAST_CONFIG, ROOT, cli_command, run_module, wait_for
+from conftest import FAST_CONFIG, ROOT, cli_command, run_cli, run_module, wait_for
 from media import make_video
 from server import MediaServer
 
@@ -264,6 +264,7 @@ def test_a_429_window_with_retry_after_pauses_the_site_and_every_url_ends_done(
     assert len(re.findall(r"WARNING .* site \S+ blocks us", done.stderr)) == 1
     assert len(re.findall(r"WARNING .* site \S+ answers again after", done.stderr)) == 1
     assert "URLs that waited on a site block" in done.stderr
+    assert "JavaScript runtime" in "".join(done.stderr.splitlines()[:3])  # said first
     assert began <= first
 
 
@@ -281,3 +282,28 @@ def test_a_storm_of_403s_pauses_the_site_and_marks_no_url_failed(
     hits = _blocked_hits(server)
     assert 1 <= len(hits) <= _probe_bound() + 1, hits  # +1: the 403 before the run of them
     assert not re.search(r"WARNING .*try \d of \d failed", done.stderr.split("blocks us", 1)[1])
+
+
+def test_a_block_past_block_give_up_hours_ends_the_run_with_its_urls_pending(
+    server: MediaServer, tiny: Path, workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    config = BLOCK_CONFIG.format(state=state) + "block_give_up_hours = 0.001\n"  # 3.6 s
+    workspace["config"].write_text(config)
+    _serve_urls(server, tiny, workspace)
+    server.block_for("429", 3600.0)  # a block that never ends
+    ended = run_cli(workspace, "--workers", str(WORKERS), timeout=120)
+    assert ended.returncode == 1, ended.stderr
+    assert len(re.findall(r"ERROR .*has blocked us for over 0.001 h", ended.stderr)) == 1
+    assert _states(tmp_path) == {"pending": URLS}  # nothing failed, nothing charged
+    assert len(server.hits) <= _probe_bound()
+
+
+def test_the_run_says_which_javascript_runtime_yt_dlp_uses() -> None:
+    found, line = js_runtime_line(load_settings(None, {}).download)
+    assert found and line.startswith("yt-dlp's JavaScript runtime") and "deno" in line
+    missing = load_settings(
+        None, {"download.extra_options": {"js_runtimes": {"deno": {"path": "/none/deno"}}}}
+    )
+    found, line = js_runtime_line(missing.download)
+    assert not found and JS_RUNTIME_INSTALL in line
