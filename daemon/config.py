@@ -143,6 +143,13 @@ class DownloadSettings(_Section):
     backoff_initial_seconds: float = Field(2.0, ge=0)
     backoff_max_seconds: float = Field(60.0, ge=0)
     rate_limited_backoff_seconds: float = Field(60.0, ge=0)
+    # A site that blocks us (429, a bot check, 403s across its URLs) pauses for all workers: the
+    # first wait is rate_limited_backoff_seconds (or the site's Retry-After, if longer), doubled
+    # with each block in a row up to this; a block lasting past block_give_up_hours ends a run.
+    site_block_max_seconds: float = Field(3600.0, ge=0)
+    block_give_up_hours: float = Field(4.0, gt=0)
+    # The least time between the starts of two videos of one site, over all workers; 0: no limit.
+    site_min_interval_seconds: float = Field(0.0, ge=0)
     socket_timeout_seconds: float = Field(30.0, gt=0)
     cookies_file: str = ""
     proxy: str = ""

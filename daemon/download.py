@@ -16,10 +16,24 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from daemon.config import DownloadSettings, OutputSettings
-from daemon.failures import Failure, Scope, disk_full, is_disk_full, permanent, transient
+from daemon.failures import (
+    Failure,
+    Kind,
+    Scope,
+    disk_full,
+    is_disk_full,
+    permanent,
+    site_blocked,
+    transient,
+)
+from daemon.sites import block_text, retry_after_seconds, site_of
 
 if TYPE_CHECKING:
     import tenacity
+
+# Kinds that are the site's answer to us as a whole, not this URL's: the supervisor's site breaker
+# decides the wait for every worker at once.
+SITE_BLOCK_KINDS = ("rate_limited", "blocked")
 
 # Message fragments of failures that no retry can fix.
 _PERMANENT_HINTS = (
@@ -53,8 +67,9 @@ _TRANSIENT_HINTS = (
 class DownloadFailure(Exception):
     url: str
     reason: str
-    kind: str  # "transient", "rate_limited", "permanent" or "disk_full"
+    kind: str  # "transient", "rate_limited", "blocked" (a bot check…), "permanent" or "disk_full"
     retry_after_seconds: float = 0.0
+    http_status: int = 0
 
     def __str__(self) -> str:
         return self.reason
@@ -62,13 +77,23 @@ class DownloadFailure(Exception):
     @property
     def transient(self) -> bool:
         """Worth another attempt now, within this download's retries."""
-        return self.kind in ("transient", "rate_limited")
+        return self.kind in ("transient", *SITE_BLOCK_KINDS)
+
+    @property
+    def site_block(self) -> bool:
+        return self.kind in SITE_BLOCK_KINDS
 
     def failure(self, folder: Path) -> Failure:
         """In the run's vocabulary: a full temp folder is that folder's condition, not the URL's."""
         reason = f"download: {self.reason}"
         if self.kind == "disk_full":
             return disk_full(folder, reason)
+        if self.site_block:
+            return site_blocked(site_of(self.url), reason, self.retry_after_seconds)
+        if self.http_status == 403:
+            # Signed media URLs expire and a page may refuse one request: the URL is tried again
+            # (with a budget of its own, see policy), and 403s across a site's URLs block the site.
+            return Failure(Scope.URL, Kind.TRANSIENT, reason, where=site_of(self.url), http_status=403)
         if self.kind == "permanent":
             return permanent(Scope.URL, reason)
         return transient(Scope.URL, reason, self.retry_after_seconds)
@@ -112,10 +137,21 @@ def classify(url: str, exc: BaseException) -> DownloadFailure:
         if isinstance(item, HTTPError):
             status = item.status
             if status == 429:
-                return DownloadFailure(url, f"HTTP 429 Too Many Requests: {message}", "rate_limited")
+                wait = retry_after_seconds(item.response.headers.get("Retry-After"))
+                after = f" (Retry-After {wait:g}s)" if wait else ""
+                return DownloadFailure(
+                    url, f"HTTP 429 Too Many Requests{after}: {message}", "rate_limited", wait, 429
+                )
             if status >= 500 or status == 408:
-                return DownloadFailure(url, f"HTTP {status}: {message}", "transient")
-            return DownloadFailure(url, f"HTTP {status}: {message}", "permanent")
+                return DownloadFailure(url, f"HTTP {status}: {message}", "transient", http_status=status)
+            if status == 403 and not any(isinstance(other, ExtractorError) for other in chain):
+                # The media request, not the page: its signed URL may have expired; yt-dlp looks
+                # the page up again on the next attempt.
+                return DownloadFailure(url, f"HTTP 403: {message}", "transient", http_status=403)
+            return DownloadFailure(url, f"HTTP {status}: {message}", "permanent", http_status=status)
+    blocked = block_text(message)
+    if blocked is not None:
+        return DownloadFailure(url, f"site blocks us ({blocked.what}): {message}", "blocked")
     for item in chain:
         if isinstance(item, UnsupportedError):
             return DownloadFailure(url, f"unsupported URL: {message}", "permanent")
@@ -150,6 +186,39 @@ class _YtdlpLog:
         logger.debug(_clean(message))
 
 
+JS_RUNTIME_INSTALL = "pip install 'yt-dlp[default]' deno"
+
+
+def js_runtimes() -> dict[str, dict[str, str]]:
+    """yt-dlp's js_runtimes option: the Deno binary the `deno` package installs (YouTube needs a
+    JavaScript runtime), else yt-dlp's own search for deno on the PATH."""
+    try:
+        import deno
+
+        return {"deno": {"path": str(deno.find_deno_bin())}}
+    except (ImportError, OSError):
+        return {"deno": {}}
+
+
+def js_runtime_line(settings: DownloadSettings) -> tuple[bool, str]:
+    """Which JavaScript runtime yt-dlp will use, in one line; False when it has none."""
+    from yt_dlp.globals import supported_js_runtimes
+
+    runtimes = settings.extra_options.get("js_runtimes") or js_runtimes()
+    for name, config in runtimes.items():
+        runtime = supported_js_runtimes.value.get(name)
+        info = runtime(path=(config or {}).get("path")).info if runtime else None
+        if info is not None and info.supported is not False:
+            return (
+                True,
+                f"yt-dlp's JavaScript runtime (YouTube needs one): {info.name} {info.version} ({info.path})",
+            )
+    return False, (
+        "yt-dlp finds no JavaScript runtime: YouTube extraction may miss formats or fail; "
+        f"install one with: {JS_RUNTIME_INSTALL}"
+    )
+
+
 def ytdlp_options(settings: DownloadSettings, output: OutputSettings, folder: Path) -> dict[str, Any]:
     from yt_dlp.utils import parse_bytes
 
@@ -170,6 +239,7 @@ def ytdlp_options(settings: DownloadSettings, output: OutputSettings, folder: Pa
         "socket_timeout": settings.socket_timeout_seconds,
         "restrictfilenames": True,
         "windowsfilenames": False,
+        "js_runtimes": js_runtimes(),
     }
     if settings.cookies_file:
         options["cookiefile"] = str(Path(settings.cookies_file).expanduser())
@@ -244,10 +314,14 @@ def download(
     output: OutputSettings,
     on_retry: Callable[[DownloadFailure, int, float], None] | None = None,
     on_bytes: Callable[[], None] | None = None,
+    retry_site_blocks: bool = True,
 ) -> Path:
     """Download `url` into `folder` and return the file; raises DownloadFailure after the last attempt.
 
-    `on_bytes` is called as data arrives (often: throttle on the other side)."""
+    `on_bytes` is called as data arrives (often: throttle on the other side). With
+    `retry_site_blocks` False (a worker of a run: the supervisor's site breaker decides the wait
+    for all workers) a sign that the site blocks us ends the download at once; a 403 on the media
+    is tried once more (yt-dlp looks the page up again), not more."""
     import tenacity
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -261,10 +335,22 @@ def download(
         if on_retry and isinstance(exc, DownloadFailure):
             on_retry(exc, state.attempt_number, delay)
 
+    def worth_retrying(exc: BaseException) -> bool:
+        if not isinstance(exc, DownloadFailure) or not exc.transient:
+            return False
+        return retry_site_blocks or not exc.site_block
+
+    def stop(state: tenacity.RetryCallState) -> bool:
+        if state.attempt_number >= settings.attempts:
+            return True
+        exc = state.outcome.exception() if state.outcome else None
+        forbidden = isinstance(exc, DownloadFailure) and exc.http_status == 403
+        return forbidden and not retry_site_blocks and state.attempt_number >= 2
+
     retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(settings.attempts),
+        stop=stop,
         wait=_wait_seconds(settings),
-        retry=tenacity.retry_if_exception(lambda e: isinstance(e, DownloadFailure) and e.transient),
+        retry=tenacity.retry_if_exception(worth_retrying),
         before_sleep=before_sleep,
         sleep=time.sleep,
         reraise=True,

@@ -48,6 +48,7 @@ class Failure:
     where: str = ""  # the folder of a disk condition, the site of a site condition
     retry_after_seconds: float = 0.0  # the least wait the other side asked for (Retry-After)
     bug: bool = False  # an exception our own code did not expect: a smaller retry budget
+    http_status: int = 0  # the site's answer, where that says more than the kind (403: see sites)
 
     @property
     def permanent(self) -> bool:
@@ -71,6 +72,11 @@ def transient(scope: Scope, reason: str, retry_after_seconds: float = 0.0) -> Fa
 
 def disk_full(folder: Path | str, reason: str) -> Failure:
     return Failure(Scope.DISK, Kind.CONDITION, reason, where=str(folder))
+
+
+def site_blocked(site: str, reason: str, retry_after_seconds: float = 0.0) -> Failure:
+    """The site refuses us as a whole (429, a bot check): its URLs wait, none is charged."""
+    return Failure(Scope.SITE, Kind.CONDITION, reason, where=site, retry_after_seconds=retry_after_seconds)
 
 
 def is_disk_full(exc: BaseException) -> bool:

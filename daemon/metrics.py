@@ -28,6 +28,8 @@ class Metrics:
         self.queued = Gauge("dap_urls_queued", "URLs waiting for a worker", registry=r)
         self.running = Gauge("dap_urls_running", "URLs a worker is on now", registry=r)
         self.paused = Gauge("dap_downloads_paused", "1 while downloads wait for free disk space", registry=r)
+        self.sites_paused = Gauge("dap_sites_paused", "Sites paused: they block us", registry=r)
+        self.site_blocks = Counter("dap_site_blocks_total", "Times a site started blocking us", registry=r)
         for state in URL_STATES:
             self.urls.labels(state)
         for state in ("done", "failed"):
@@ -49,12 +51,15 @@ class Metrics:
             self.frames.inc(data["count"])
         elif kind == "restart":
             self.restarts.inc()
+        elif kind == "site" and data.get("state") == "blocked":
+            self.site_blocks.inc()
 
     def observe(self, supervisor: Any) -> None:
         """Gauges that describe the present rather than count events."""
         self.queued.set(len(supervisor.queue))
         self.running.set(sum(1 for h in supervisor.workers.values() if h.task is not None))
         self.paused.set(1 if supervisor.disk.reason else 0)
+        self.sites_paused.set(len(supervisor.sites.paused()))
 
     def close(self) -> None:
         self._server.shutdown()

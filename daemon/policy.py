@@ -16,6 +16,9 @@ from daemon.failures import Failure, Kind
 # Tries of a URL whose failures are bugs in our own code: a bug is usually deterministic, so
 # trying more often only burns time; two tries tell a passing fault from a deterministic one.
 BUG_ATTEMPTS = 2
+# Tries of a URL whose page answers 403: one retry tells an expired or passing refusal from one
+# that holds (a site that refuses every URL is blocked instead, and nothing is charged).
+FORBIDDEN_ATTEMPTS = 2
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,11 @@ class FailurePolicy:
         self.max_delay_seconds = max(run.retry_delay_max_seconds, run.retry_delay_seconds)
 
     def budget(self, failure: Failure) -> int:
-        return min(BUG_ATTEMPTS, self.url_attempts) if failure.bug else self.url_attempts
+        if failure.bug:
+            return min(BUG_ATTEMPTS, self.url_attempts)
+        if failure.http_status == 403:
+            return min(FORBIDDEN_ATTEMPTS, self.url_attempts)
+        return self.url_attempts
 
     def decide(self, failure: Failure, attempts: int) -> Decision:
         """`attempts`: the URL's failed tries since it was last done, over every run, this one

@@ -33,6 +33,7 @@ class Totals:
     clips_failed: int = 0  # clips that can never be made (past the end of their source)
     clip_retries: int = 0  # clips that failed for a passing reason, to be made again
     url_retries: int = 0  # tries of URLs that failed for a passing reason and were queued again
+    urls_waited_on_blocks: int = 0  # URLs held back (nothing charged) while their site blocked us
     frames: int = 0  # of the clips written; a clip that failed part-way adds none
     bytes: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -52,6 +53,8 @@ class Totals:
         )
         if self.url_retries or self.clip_retries:
             text += f"; tries retried {self.url_retries} (clips to make again {self.clip_retries})"
+        if self.urls_waited_on_blocks:
+            text += f"; URLs that waited on a site block {self.urls_waited_on_blocks}"
         return text
 
 

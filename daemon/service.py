@@ -305,6 +305,7 @@ class Service:
         self.paths = paths
         self.inbox_dir = inbox
         self.supervisor = Supervisor(settings, paths, on_event=self._on_event, lock=lock)
+        self.supervisor.give_up_on_blocks = False  # a service waits out a site's block, however long
         self.notifier = Notifier()
         self.lists: dict[Path, ListRun] = {}
         self.lists_by_url: dict[str, list[ListRun]] = {}

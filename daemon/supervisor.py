@@ -24,7 +24,7 @@ from loguru import logger
 from daemon.config import Settings
 from daemon.diskspace import DiskGate, Floor, hold_for
 from daemon.encode import remove_partial_files
-from daemon.failures import Failure, Kind, Scope
+from daemon.failures import Failure, Kind, Scope, site_blocked
 from daemon.folders import LOCK_NAME, PART_SUFFIX, RunPaths
 from daemon.ledger import Ledger, LedgerError
 from daemon.links import Launcher, ProcessLauncher, WorkerLink
@@ -46,6 +46,7 @@ from daemon.messages import (
 from daemon.planning import Planned, Planner
 from daemon.policy import FailurePolicy, GiveUp, RetryLater, WaitFor, worst
 from daemon.recording import EventSink, Recorder, Totals
+from daemon.sites import SiteBreakers, site_of
 from daemon.urls import Rejected, Source
 
 CRASH_LIMIT = 2
@@ -129,6 +130,17 @@ class Supervisor:
             service.disk_check_seconds,
         )
         self._disk_said: str | None = None  # the disk condition the ledger shows now
+        # Sites that block us pause for every worker at once; URLs of a paused or paced site wait
+        # here (in queue order, per site) while other sites' URLs and local files go on.
+        self.sites = SiteBreakers(settings.download)
+        self.parked: dict[str, deque[Task]] = {}
+        self._sites_said: set[str] = set()  # the site conditions the ledger shows now
+        self._site_rows: dict[str, tuple[str, float]] = {}
+        self._block_waited: set[str] = set()  # URLs that waited on a block in this run
+        # A run gives up on a block past download.block_give_up_hours (its URLs stay pending);
+        # the service keeps waiting.
+        self.give_up_on_blocks = True
+        self._gave_up_said = False
         # Extra file descriptors that end `step`'s wait early (the service's inbox and signal pipe).
         self.wake_fds: list[int] = []
         self._startup_deaths = 0
@@ -163,6 +175,20 @@ class Supervisor:
         shutil.rmtree(self.paths.temp_root, ignore_errors=True)
         self.paths.temp_root.mkdir(parents=True, exist_ok=True)
         self.launcher = start_launcher(self.settings)
+        self._say_js_runtime()
+
+    def _say_js_runtime(self) -> None:
+        """Once per run: which JavaScript runtime yt-dlp will use for YouTube, or how to get one."""
+        from daemon.download import js_runtime_line
+
+        try:
+            found, line = js_runtime_line(self.settings.download)
+        except ImportError:
+            return  # a light install without yt-dlp downloads nothing
+        if found:
+            logger.info(line)
+        else:
+            logger.warning(line)
 
     def close(self) -> None:
         self._stop_all_workers(force=True)
@@ -265,16 +291,42 @@ class Supervisor:
             self._send_stop(handle)
             return
         # A worker asking for work while disk space is low waits idle; `step` asks again later.
-        if not self.queue or self.disk.blocked():
+        task = None if self.disk.blocked() else self._next_task(time.monotonic())
+        if task is None:
             handle.idle = True
             return
-        task = self.queue.popleft()
         self._queued_urls.discard(task.url)
         handle.task, handle.idle, handle.phase = task, False, "queued"
         handle.settled, handle.clip_failures = set(), []
         handle.last_progress, handle.announced_wait = time.monotonic(), 0.0
         self.ledger.mark_running(task.url, handle.index, handle.node)
         handle.link.send(Assign(task))
+
+    def _next_task(self, now: float) -> Task | None:
+        """The next URL a worker may start: the oldest one whose site is neither paused (but for
+        its one probe) nor paced; URLs passed over wait in `parked`, in order, for their site."""
+        for site, tasks in list(self.parked.items()):
+            if not tasks:
+                del self.parked[site]
+            elif self.sites.take_start(site, now):
+                task = tasks.popleft()
+                if not tasks:
+                    del self.parked[site]
+                return task
+        while self.queue:
+            task = self.queue.popleft()
+            site = "" if task.local else site_of(task.url)
+            if site in self.parked:  # behind the site's earlier URLs
+                self.parked[site].append(task)
+            elif self.sites.take_start(site, now):
+                return task
+            else:
+                self.parked.setdefault(site, deque()).append(task)
+        return None
+
+    @property
+    def _waiting(self) -> bool:
+        return bool(self.queue) or any(self.parked.values())
 
     def _send_stop(self, handle: _WorkerHandle) -> None:
         if handle.stop_sent:
@@ -330,6 +382,13 @@ class Supervisor:
             return
         left = tuple(clip for clip in task.clips if clip not in handle.settled)
         failure = message.failure if message.state == "failed" else worst(handle.clip_failures)
+        site = "" if task.local else site_of(url)
+        if failure is not None and failure.http_status == 403 and self.sites.forbidden(site, url):
+            failure = site_blocked(site, f"HTTP 403 from several of {site}'s URLs in a row: {failure.reason}")
+        if failure is None or failure.permanent:
+            self._site_answered(site)  # it answered (a removed video is an answer too)
+        elif failure.scope is not Scope.SITE:
+            self.sites.probe_lost(site)  # no answer either way: another URL may probe
         if message.state == "interrupted" and left and failure is None:
             self.ledger.set_pending(url)
             logger.info(f"{url}: stopped early; {len(left)} of its clips stay pending")
@@ -347,6 +406,11 @@ class Supervisor:
         attempts = self.ledger.charge_failed_try(url, failure.reason) if failure.kind is Kind.TRANSIENT else 0
         remaining = Task(task.url, task.video_id, left or task.clips, task.local)
         match self.policy.decide(failure, attempts):
+            case WaitFor(failure=condition) if condition.scope is Scope.SITE:
+                self.ledger.set_pending(url)
+                self._queue(remaining, first=True)
+                self._block_site(condition, url)
+                self.on_event("url", {"url": url, "state": "pending", "error": condition.reason})
             case WaitFor(failure=condition):
                 self._hold(condition)
                 self.ledger.set_pending(url)
@@ -371,9 +435,64 @@ class Supervisor:
             self.disk.hold(hold_for(Path(condition.where), condition.reason))
             self.disk.blocked()  # says so now, once
 
+    def _urls_of(self, site: str) -> int:
+        """URLs of `site` waiting to start (a count over the queue: said when a block opens)."""
+        queued = sum(1 for task in self.queue if not task.local and site_of(task.url) == site)
+        return queued + len(self.parked.get(site, ()))
+
+    def _block_site(self, condition: Failure, url: str) -> None:
+        """A site refuses us: none of its URLs is handed out until the wait is over, then one probe."""
+        assert self.recorder is not None
+        site = condition.where
+        now = time.monotonic()
+        opened = self.sites.block(site, condition.reason, condition.retry_after_seconds, now)
+        self.sites.held(site, url)
+        self._block_waited.add(url)
+        self.recorder.totals.urls_waited_on_blocks = len(self._block_waited)
+        if opened.new:
+            logger.warning(
+                f"site {site} blocks us ({condition.reason}); all its URLs pause, next try in "
+                f"{opened.wait_seconds:.0f}s; {self._urls_of(site)} URL(s) wait"
+            )
+            self.on_event("site", {"site": site, "state": "blocked", "reason": condition.reason})
+        else:
+            logger.info(f"site {site} still blocks us ({url}); next try in {opened.wait_seconds:.0f}s")
+
+    def _site_answered(self, site: str) -> None:
+        """A URL of `site` ended without a block: a paused site's breaker closes."""
+        blocked = self.sites.succeeded(site, time.monotonic())
+        if blocked is not None:
+            seconds, waited = blocked
+            logger.warning(
+                f"site {site} answers again after {seconds:.0f}s blocked; its {self._urls_of(site)} "
+                f"waiting URL(s) go on ({waited} waited on the block)"
+            )
+            self.on_event("site", {"site": site, "state": "open"})
+
+    def _give_up_on_long_blocks(self) -> None:
+        limit_seconds = self.settings.download.block_give_up_hours * 3600
+        now = time.monotonic()
+        for site, (reason, opened_at, _) in self.sites.paused().items():
+            if now - opened_at < limit_seconds or self._gave_up_said:
+                continue
+            self._gave_up_said = True
+            hours = self.settings.download.block_give_up_hours
+            if not self.give_up_on_blocks:
+                logger.error(f"site {site} has blocked us for over {hours:g} h ({reason}); still waiting")
+                continue
+            if self.fatal is None:
+                self.fatal = (
+                    f"site {site} has blocked us for over {hours:g} h (download.block_give_up_hours; "
+                    f"{reason}); stopping: its URLs stay pending for the next run"
+                )
+                logger.error(self.fatal)
+            self.request_stop()
+
     def _show_conditions(self) -> None:
-        """Keeps the ledger's account of what the run waits for in step with the disk gate, for `status`."""
+        """Keeps the ledger's account of what the run waits for in step with the disk gate and the
+        site breakers, for `status`."""
         assert self.ledger is not None
+        self._show_sites()
         reason = self.disk.reason
         if reason == self._disk_said:
             return
@@ -383,6 +502,21 @@ class Supervisor:
             next_look = time.time() + self.disk.recheck_seconds
             self.ledger.set_condition("disk", "space", reason, next_look, len(self.queue))
         self._disk_said = reason
+
+    def _show_sites(self) -> None:
+        assert self.ledger is not None
+        paused = self.sites.paused()
+        for site in self._sites_said - paused.keys():
+            self.ledger.clear_condition("site", site)
+        now, wall = time.monotonic(), time.time()
+        for site, (reason, _, reopen_at) in paused.items():
+            key = (site, reopen_at)
+            if site in self._sites_said and self._site_rows.get(site) == key:
+                continue
+            waiting = len(self.parked.get(site, ()))
+            self.ledger.set_condition("site", site, reason, wall + max(0.0, reopen_at - now), waiting)
+            self._site_rows[site] = key
+        self._sites_said = set(paused)
 
     def _handle_death(self, handle: _WorkerHandle) -> None:
         assert self.ledger is not None
@@ -394,6 +528,8 @@ class Supervisor:
         if task is not None:
             for part in (self.paths.output_dir / task.video_id).glob(f"*{PART_SUFFIX}"):
                 part.unlink(missing_ok=True)
+            if not task.local:
+                self.sites.probe_lost(site_of(task.url))
             crashes = self.ledger.record_crash(task.url)
             if crashes >= CRASH_LIMIT:
                 reason = (
@@ -438,6 +574,7 @@ class Supervisor:
 
     def _step(self, timeout: float) -> None:
         self._release_delayed()
+        self._give_up_on_long_blocks()
         self._start_due_workers()
         if self.draining:
             for handle in self.workers.values():
@@ -453,12 +590,16 @@ class Supervisor:
                 self._stop_all_workers(force=True)
                 return
         for handle in list(self.workers.values()):
-            if handle.idle and self.queue and not self.draining:
+            if handle.idle and self._waiting and not self.draining:
                 self._assign(handle)
         self._show_conditions()
         if not self.workers:
             time.sleep(min(timeout, 0.1))
             return
+        if self.parked and any(h.idle for h in self.workers.values()):
+            # An idle worker waits for a paced or paused site: wake when the next may start.
+            soonest = min(self.sites.next_start(site) for site in self.parked)
+            timeout = min(timeout, max(0.01, soonest - time.monotonic()))
         assert self.launcher is not None
         self.launcher.wait([h.link for h in self.workers.values()], timeout, self.wake_fds)
         dead: list[_WorkerHandle] = []
@@ -505,9 +646,7 @@ class Supervisor:
 
     @property
     def busy(self) -> bool:
-        return (
-            bool(self.queue) or bool(self.delayed) or any(h.task is not None for h in self.workers.values())
-        )
+        return self._waiting or bool(self.delayed) or any(h.task is not None for h in self.workers.values())
 
     def request_stop(self, urgent: bool = False) -> None:
         """First call: finish in-flight clips within the grace period. Second: stop now.

@@ -208,6 +208,7 @@ class Worker:
             self.settings.output,
             lambda failure, attempt, delay: self._on_retry(failure, attempt, delay, reporter),
             on_bytes=reporter.heartbeat,
+            retry_site_blocks=False,  # the supervisor pauses the site for every worker at once
         )
         seconds = time.monotonic() - started
         logger.info(f"downloaded {source.name} ({source.stat().st_size} bytes) in {seconds:.1f}s")

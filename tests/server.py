@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,15 +17,41 @@ class Route:
     status: int = 200  # a fixed error status (404, 403, …) instead of the body
     fail_first: int = 0  # answer the first N GETs with `fail_status`
     fail_status: int = 503
+    fail_gets: tuple[int, ...] = ()  # answer these GETs (1-based) with `fail_status` too
     drop_gets: tuple[int, ...] = ()  # cut the connection a third of the way into these GETs (1-based)
     stall_gets: tuple[int, ...] = ()  # send half the body of these GETs, then nothing until shutdown
     gets: int = 0
     requests: list[str] = field(default_factory=list)
 
 
+BOT_PAGE = (
+    b"<html><body>Sign in to confirm you\xe2\x80\x99re not a bot. This helps protect our community."
+    b"</body></html>"
+)
+
+
+@dataclass
+class Block:
+    """The whole site refuses every request for a while, as a video site does a bulk downloader."""
+
+    mode: str  # "429", "403" or "bot" (a 200 HTML page with the bot check)
+    until: float  # time.monotonic()
+    retry_after: str | None = None  # the Retry-After header of a 429
+
+
+@dataclass(frozen=True)
+class Hit:
+    at: float  # time.monotonic()
+    path: str
+    status: int  # what was answered; 200 for a bot page too
+    blocked: bool
+
+
 class MediaServer:
     def __init__(self) -> None:
         self.routes: dict[str, Route] = {}
+        self.block: Block | None = None
+        self.hits: list[Hit] = []  # every request, in order
         self.lock = threading.Lock()
         self.closing = threading.Event()
         server = self
@@ -45,6 +72,10 @@ class MediaServer:
 
             def _answer(self, head: bool) -> None:
                 path = self.path.split("?")[0]
+                block = server.block
+                if block is not None and time.monotonic() < block.until:
+                    self._blocked(block, path)
+                    return
                 with server.lock:
                     route = server.routes.get(path)
                     if route is not None:
@@ -53,11 +84,14 @@ class MediaServer:
                             route.gets += 1
                         attempt = route.gets
                 if route is None or route.status != 200:
+                    server._hit(path, route.status if route else 404)
                     self._status(route.status if route else 404)
                     return
-                if not head and attempt <= route.fail_first:
+                if not head and (attempt <= route.fail_first or attempt in route.fail_gets):
+                    server._hit(path, route.fail_status)
                     self._status(route.fail_status)
                     return
+                server._hit(path, 200)
                 body = route.body
                 start = 0
                 range_header = self.headers.get("Range")
@@ -89,13 +123,29 @@ class MediaServer:
                     return
                 self.wfile.write(body[start:])
 
-            def _status(self, status: int) -> None:
+            def _status(self, status: int, headers: dict[str, str] | None = None) -> None:
                 message = b"no"
                 self.send_response(status)
                 self.send_header("Content-Type", "text/plain")
                 self.send_header("Content-Length", str(len(message)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(message)
+
+            def _blocked(self, block: Block, path: str) -> None:
+                if block.mode == "bot":
+                    server._hit(path, 200, blocked=True)
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html; charset=utf-8")
+                    self.send_header("Content-Length", str(len(BOT_PAGE)))
+                    self.end_headers()
+                    self.wfile.write(BOT_PAGE)
+                    return
+                status = int(block.mode)
+                server._hit(path, status, blocked=True)
+                headers = {"Retry-After": block.retry_after} if block.retry_after else {}
+                self._status(status, headers)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -114,6 +164,16 @@ class MediaServer:
     def base(self) -> str:
         host, port = self.httpd.server_address[:2]
         return f"http://{host}:{port}"
+
+    def _hit(self, path: str, status: int, blocked: bool = False) -> None:
+        with self.lock:
+            self.hits.append(Hit(time.monotonic(), path, status, blocked))
+
+    def block_for(self, mode: str, seconds: float, retry_after: str | None = None) -> float:
+        """Every request is refused in `mode` from now for `seconds`; returns when that began."""
+        began = time.monotonic()
+        self.block = Block(mode, began + seconds, retry_after)
+        return began
 
     def add(self, name: str, body: bytes | Path, **behaviour: object) -> str:
         data = body.read_bytes() if isinstance(body, Path) else body

@@ -64,6 +64,7 @@ LAYERS: list[set[str]] = [
         "daemon.logs",
         "daemon.urls",
         "daemon.textfiles",
+        "daemon.sites",
         "daemon.diskspace",
         "daemon.locking",
         "daemon.metrics",
