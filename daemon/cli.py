@@ -317,8 +317,10 @@ def _run(args: argparse.Namespace) -> int:
     from daemon.checks import check_encoder, check_gpu, check_stages, loaded_line
     from daemon.folders import RunPaths
     from daemon.ledger import LedgerError
+    from daemon.locking import AlreadyRunning, lock_run
     from daemon.progress import ProgressView
-    from daemon.supervisor import AlreadyRunning, Supervisor, install_signal_handlers, lock_run
+    from daemon.signals import install_signal_handlers
+    from daemon.supervisor import Supervisor
 
     settings = settings_from_args(args)
     if not args.input_clip_dir.is_dir():
@@ -403,8 +405,8 @@ def _serve(args: argparse.Namespace) -> int:
     from daemon.checks import check_encoder, check_gpu, check_stages, loaded_line
     from daemon.folders import RunPaths, folder_problem
     from daemon.ledger import LedgerError
+    from daemon.locking import AlreadyRunning, lock_run
     from daemon.service import InboxError, Service
-    from daemon.supervisor import AlreadyRunning, lock_run
 
     settings = settings_from_args(args)
     service = settings.service

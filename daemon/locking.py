@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import IO
 
+from daemon.folders import LOCK_NAME, RunPaths
+
 
 def try_exclusive_lock(path: Path) -> IO[str] | None:
     """Hold an exclusive lock on `path` for as long as the returned file stays open.
@@ -88,3 +90,18 @@ def held_here(path: Path) -> bool:
     except PermissionError:
         return True  # alive, another user's
     return True
+
+
+class AlreadyRunning(Exception):
+    """Another run or the service holds the output (or state) folder; the message names it."""
+
+
+def lock_run(paths: RunPaths, who: str) -> FolderLocks:
+    """The output folder's lock (and the state folder's, where that is elsewhere), held by one run
+    or service at a time whatever run.state_dir says. Raises AlreadyRunning naming the holder."""
+    paths.output_dir.mkdir(parents=True, exist_ok=True)
+    paths.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return FolderLocks([paths.output_dir, paths.state_dir], LOCK_NAME, who)
+    except AlreadyLocked as exc:
+        raise AlreadyRunning(str(exc)) from None

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-URL_STATES = ("done", "skipped", "failed", "pending")
+from daemon.events import (
+    ClipEnded,
+    Event,
+    FleetSnapshot,
+    FramesWritten,
+    SiteChanged,
+    UrlEnded,
+    WorkerRestarted,
+)
+from daemon.ledger import UrlState
 
 
 class Metrics:
@@ -30,36 +37,36 @@ class Metrics:
         self.paused = Gauge("dap_downloads_paused", "1 while downloads wait for free disk space", registry=r)
         self.sites_paused = Gauge("dap_sites_paused", "Sites paused: they block us", registry=r)
         self.site_blocks = Counter("dap_site_blocks_total", "Times a site started blocking us", registry=r)
-        for state in URL_STATES:
-            self.urls.labels(state)
-        for state in ("done", "failed"):
-            self.clips.labels(state)
+        for url_state in (UrlState.DONE, UrlState.SKIPPED, UrlState.FAILED, UrlState.PENDING):
+            self.urls.labels(url_state.value)
+        for clip_state in ("done", "failed"):
+            self.clips.labels(clip_state)
         self._server, self._thread = start_http_server(int(port), addr=host, registry=r)
 
-    def on_event(self, kind: str, data: dict[str, Any]) -> None:
-        if kind == "url":
-            self.urls.labels(data["state"]).inc()
-            self.download_seconds.inc(data.get("download_seconds") or 0.0)
-            self.process_seconds.inc(data.get("process_seconds") or 0.0)
-        elif kind == "clip":
-            if data.get("error"):
-                self.clips.labels("failed").inc()
-            else:
+    def on_event(self, event: Event) -> None:
+        match event:
+            case UrlEnded():
+                self.urls.labels(event.state.value).inc()
+                self.download_seconds.inc(event.download_seconds or 0.0)
+                self.process_seconds.inc(event.process_seconds or 0.0)
+            case ClipEnded(error=None):
                 self.clips.labels("done").inc()
-                self.bytes.inc(data.get("bytes") or 0)
-        elif kind == "frames":
-            self.frames.inc(data["count"])
-        elif kind == "restart":
-            self.restarts.inc()
-        elif kind == "site" and data.get("state") == "blocked":
-            self.site_blocks.inc()
+                self.bytes.inc(event.bytes)
+            case ClipEnded():
+                self.clips.labels("failed").inc()
+            case FramesWritten(count=count):
+                self.frames.inc(count)
+            case WorkerRestarted():
+                self.restarts.inc()
+            case SiteChanged(blocked=True):
+                self.site_blocks.inc()
 
-    def observe(self, supervisor: Any) -> None:
+    def observe(self, fleet: FleetSnapshot) -> None:
         """Gauges that describe the present rather than count events."""
-        self.queued.set(len(supervisor.queue))
-        self.running.set(sum(1 for h in supervisor.workers.values() if h.task is not None))
-        self.paused.set(1 if supervisor.disk.reason else 0)
-        self.sites_paused.set(len(supervisor.sites.paused()))
+        self.queued.set(fleet.queued)
+        self.running.set(fleet.running)
+        self.paused.set(1 if fleet.disk_paused else 0)
+        self.sites_paused.set(len(fleet.sites_paused))
 
     def close(self) -> None:
         self._server.shutdown()

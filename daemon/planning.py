@@ -12,7 +12,7 @@ from pathlib import Path
 from loguru import logger
 
 from daemon.clips import Clip, clip_file_path, read_clip_file
-from daemon.ledger import Ledger, LedgerReader
+from daemon.ledger import Ledger, LedgerReader, UrlState
 from daemon.messages import Task
 from daemon.urls import Source
 
@@ -30,7 +30,7 @@ class Planned:
 class Settled:
     """Nothing to hand out: the source ends now, in `state`."""
 
-    state: str  # "done", "skipped" or "failed"
+    state: UrlState  # done, skipped or failed
     error: str | None
     problems: list[str]
     recorded: bool = False  # the ledger already says so (a failure from an earlier run)
@@ -67,26 +67,27 @@ class Planner:
 
     def plan(self, source: Source) -> Planned | Settled:
         row = self.ledger.add_url(source.url, source.video_id, source.list_path)
-        if row.state == "failed" and not row.retryable and not self.retry_failed:
-            return Settled(
-                "failed", f"failed earlier, not retried ({row.error}); use --retry-failed", [], True
-            )
+        if row.state == UrlState.FAILED and not row.retryable and not self.retry_failed:
+            error = f"failed earlier, not retried ({row.error}); use --retry-failed"
+            return Settled(UrlState.FAILED, error, [], recorded=True)
         video_id = self.video_id(source)
         clip_path = clip_file_path(self.clip_dir, video_id)
         try:
             clip_file = read_clip_file(clip_path, self.clip_dir)
         except FileNotFoundError:
-            return Settled("skipped", f"no clip file {clip_path}", [])
+            return Settled(UrlState.SKIPPED, f"no clip file {clip_path}", [])
         except (OSError, UnicodeDecodeError) as exc:
             # Read again by the next run: nothing was fetched, and the user may fix the file.
-            return Settled("failed", f"cannot read clip file {clip_path}: {exc}", [], retryable=True)
+            return Settled(UrlState.FAILED, f"cannot read clip file {clip_path}: {exc}", [], retryable=True)
         if not clip_file.clips:
             reason = f"clip file {clip_path} has no valid clip line"
-            return Settled("skipped", reason, clip_file.problems, rejected_lines=clip_file.rejected_lines)
+            return Settled(
+                UrlState.SKIPPED, reason, clip_file.problems, rejected_lines=clip_file.rejected_lines
+            )
         made, impossible = finished_clips(self.ledger, video_id)
         missing = [clip for clip in clip_file.clips if clip not in made and clip not in impossible]
         if not missing:
-            return Settled("done", None, clip_file.problems, rejected_lines=clip_file.rejected_lines)
+            return Settled(UrlState.DONE, None, clip_file.problems, rejected_lines=clip_file.rejected_lines)
         if made or impossible:
             past = f", {len(impossible)} past the end of the source" if impossible else ""
             logger.info(f"{video_id}: {len(made)} clip(s) already made{past}, {len(missing)} to make")

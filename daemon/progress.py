@@ -5,13 +5,14 @@ from __future__ import annotations
 import sys
 import time
 from collections import deque
-from typing import Any, TextIO
+from typing import TextIO
 
 from loguru import logger
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from daemon import logs
+from daemon.events import ClipEnded, Event, FramesWritten, UrlEnded
 
 
 class FrameRate:
@@ -60,13 +61,14 @@ class ProgressView:
             self._progress.start()
             logs.route_console_through(self.console)
 
-    def on_event(self, kind: str, data: dict[str, Any]) -> None:
-        if kind == "url" and data.get("state") in ("done", "skipped", "failed"):
-            self.finished += 1
-        elif kind == "clip" and not data.get("error"):
-            self.clips += 1
-        elif kind == "frames":
-            self.rate.add(int(data["count"]))
+    def on_event(self, event: Event) -> None:
+        match event:
+            case UrlEnded() if event.final:
+                self.finished += 1
+            case ClipEnded(error=None):
+                self.clips += 1
+            case FramesWritten(count=count):
+                self.rate.add(count)
         self.refresh()
 
     def refresh(self) -> None:

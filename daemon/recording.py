@@ -6,16 +6,13 @@ Runs in the supervisor, the ledger's only writer.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from loguru import logger
 
-from daemon.ledger import Ledger, SourceMeta
+from daemon.events import ClipEnded, EventSink, UrlEnded
+from daemon.ledger import Ledger, SourceMeta, UrlState
 from daemon.messages import ClipFinished, SourceProbed
-
-EventSink = Callable[[str, dict[str, Any]], None]
 
 # Clip failures of one URL logged one by one; the rest are counted in one line when the URL ends
 # (a clip file of 100 000 clips past the end of a short video would otherwise log 100 000 lines).
@@ -64,13 +61,13 @@ class Recorder:
         self.on_event = on_event
         self.totals = Totals()
         # URL -> its final state for this run, so the summary counts each URL once.
-        self.outcomes: dict[str, str] = {}
+        self.outcomes: dict[str, UrlState] = {}
         self._clip_failures: dict[str, int] = {}  # URL -> clip failures seen in its present try
 
     def conclude(
         self,
         url: str,
-        state: str,
+        state: UrlState,
         error: str | None,
         retryable: bool = False,
         update: bool = True,
@@ -87,9 +84,9 @@ class Recorder:
                 download_seconds=download_seconds,
                 process_seconds=process_seconds,
             )
-        if state == "skipped" and error:
+        if state is UrlState.SKIPPED and error:
             logger.warning(f"{url}: skipped: {error}")
-        elif state == "failed":
+        elif state is UrlState.FAILED:
             logger.error(f"{url}: failed: {error}") if update else logger.warning(f"{url}: {error}")
         self.say_unlisted_clip_failures(url)
         previous = self.outcomes.get(url)
@@ -97,17 +94,8 @@ class Recorder:
             self.totals.urls[previous] -= 1
         self.outcomes[url] = state
         self.totals.urls[state] += 1
-        self.on_event(
-            "url",
-            {
-                "url": url,
-                "state": state,
-                "error": error,
-                "download_seconds": download_seconds,
-                "process_seconds": process_seconds,
-            },
-        )
-        return state
+        self.on_event(UrlEnded(url, state, error, download_seconds, process_seconds))
+        return state.value
 
     def clip(self, message: ClipFinished) -> None:
         result, output, failure = message.result, message.output, message.result.failure
@@ -141,7 +129,18 @@ class Recorder:
                 logger.warning(
                     failure.reason if failure.permanent else f"{failure.reason} (made again later)"
                 )
-        self.on_event("clip", {"url": message.url, "video_id": message.video_id, **_clip_data(message)})
+        self.on_event(
+            ClipEnded(
+                message.url,
+                message.video_id,
+                result.start_frame,
+                result.end_frame,
+                result.path,
+                result.frames,
+                result.bytes,
+                result.error,
+            )
+        )
 
     def say_unlisted_clip_failures(self, url: str) -> None:
         """The count of a URL's clip failures past those logged, once its try has ended."""
@@ -152,15 +151,3 @@ class Recorder:
     def source(self, message: SourceProbed) -> None:
         meta = SourceMeta(message.codec, message.width, message.height, message.fps)
         self.ledger.set_source(message.url, meta)
-
-
-def _clip_data(message: ClipFinished) -> dict[str, Any]:
-    result = message.result
-    return {
-        "start_frame": result.start_frame,
-        "end_frame": result.end_frame,
-        "path": result.path,
-        "frames": result.frames,
-        "bytes": result.bytes,
-        "error": result.error,
-    }

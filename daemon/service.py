@@ -32,9 +32,11 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from daemon.config import Settings
+from daemon.events import ClipEnded, Event, UrlEnded
 from daemon.folders import STATUS_FILE, RunPaths
 from daemon.locking import FolderLocks, try_exclusive_lock
-from daemon.supervisor import Supervisor, install_signal_handlers
+from daemon.signals import install_signal_handlers
+from daemon.supervisor import Supervisor
 from daemon.urls import parse_url_list
 
 CLAIMED, DONE, FAILED = "claimed", "done", "failed"
@@ -320,16 +322,17 @@ class Service:
 
     # --- events -------------------------------------------------------------------------------
 
-    def _on_event(self, kind: str, data: dict[str, Any]) -> None:
+    def _on_event(self, event: Event) -> None:
         if self.metrics is not None:
-            self.metrics.on_event(kind, data)
-        if kind == "url" and data["state"] in ("done", "skipped", "failed"):
-            for run in self.lists_by_url.get(data["url"], []):
-                run.outcomes[data["url"]] = (data["state"], data.get("error"))
-        elif kind == "clip" and data.get("error"):
-            clip = f"{data['start_frame']} {data['end_frame']}: {data['error']}"
-            for run in self.lists_by_url.get(data["url"], []):
-                run.clip_errors.setdefault(data["url"], []).append(clip)
+            self.metrics.on_event(event)
+        match event:
+            case UrlEnded() if event.final:
+                for run in self.lists_by_url.get(event.url, []):
+                    run.outcomes[event.url] = (event.state.value, event.error)
+            case ClipEnded(error=str(error)):
+                clip = f"{event.start_frame} {event.end_frame}: {error}"
+                for run in self.lists_by_url.get(event.url, []):
+                    run.clip_errors.setdefault(event.url, []).append(clip)
 
     # --- lists --------------------------------------------------------------------------------
 
@@ -378,19 +381,20 @@ class Service:
     # --- status -------------------------------------------------------------------------------
 
     def _status_text(self) -> str:
-        supervisor = self.supervisor
-        if supervisor.draining:
-            return "stopping: finishing in-flight clips" if not supervisor.urgent else "stopping now"
-        running = sum(1 for h in supervisor.workers.values() if h.task is not None)
-        ended = supervisor.totals.urls
+        fleet = self.supervisor.snapshot()
+        if fleet.draining:
+            return "stopping: finishing in-flight clips" if not fleet.urgent else "stopping now"
+        ended = fleet.ended
         # Since this service started; the ledger's counts (`status`'s URLs: line) are over all time.
         text = (
-            f"{len(self.lists)} list(s) open; {len(supervisor.queue)} URL(s) queued, {running} running; "
+            f"{len(self.lists)} list(s) open; {fleet.queued} URL(s) queued, {fleet.running} running; "
             f"since start: done {ended['done']}, failed {ended['failed']}, skipped {ended['skipped']}, "
-            f"clip errors {supervisor.totals.clips_failed}"
+            f"clip errors {fleet.clip_errors}"
         )
-        if supervisor.disk.reason:
-            text = f"downloads paused: {supervisor.disk.reason}; {text}"
+        if fleet.sites_paused:
+            text = f"paused sites (they block us): {', '.join(fleet.sites_paused)}; {text}"
+        if fleet.disk_paused:
+            text = f"downloads paused: {fleet.disk_paused}; {text}"
         return text
 
     def _publish_status(self) -> None:
@@ -403,7 +407,7 @@ class Service:
             "pid": os.getpid(),
             "inbox": str(self.inbox_dir),
             "status": text,
-            "paused": self.supervisor.disk.reason,
+            "paused": self.supervisor.snapshot().disk_paused,
             "open_lists": sorted(p.name for p in self.lists),
             "updated_at": time.time(),
         }
@@ -472,7 +476,7 @@ class Service:
                 if not stopping_announced:
                     stopping_announced = True
                     self.notifier.send("STOPPING=1")
-                if not supervisor.workers:
+                if not supervisor.fleet:
                     break
             else:
                 if time.monotonic() >= rescan_due:
@@ -484,7 +488,7 @@ class Service:
                         self._queue_list(claimed, resumed=False)
             self._finish_lists()
             if self.metrics is not None:
-                self.metrics.observe(supervisor)
+                self.metrics.observe(supervisor.snapshot())
             self._publish_status()
             supervisor.step(self._wait_seconds(rescan_due))
         self._finish_lists()

@@ -1,0 +1,161 @@
+"""The fleet: the worker processes (or Ray actors) of a run, started staggered, watched for stalls,
+stopped and cleaned up after. What they are given and what their messages mean is the supervisor's.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from loguru import logger
+
+from daemon.config import Settings
+from daemon.failures import Failure
+from daemon.folders import RunPaths
+from daemon.links import Launcher, ProcessLauncher, WorkerLink
+from daemon.messages import FromWorker, Stop, Task, WorkerPaths
+
+
+@dataclass
+class WorkerHandle:
+    index: int
+    link: WorkerLink
+    task: Task | None = None
+    idle: bool = False
+    phase: str = "starting"  # what it is doing: starting, queued, download, process
+    stop_sent: bool = False
+    # Watchdog: when the worker last showed progress, and how long it said it would wait on purpose.
+    last_progress: float = field(default_factory=time.monotonic)
+    announced_wait: float = 0.0
+    stalled: str | None = None  # why the watchdog killed it
+    ready_seen: bool = False  # asked for work at least once
+    node: str = ""  # the machine it runs on, as it said when ready
+    # The task's clips settled in this try (made, or impossible), and those that failed for a
+    # passing reason: what is left of the task if it has to be tried again.
+    settled: set[tuple[int, int]] = field(default_factory=set)
+    clip_failures: list[Failure] = field(default_factory=list)
+
+    def take(self, task: Task) -> None:
+        self.task, self.idle, self.phase = task, False, "queued"
+        self.settled, self.clip_failures = set(), []
+        self.last_progress, self.announced_wait = time.monotonic(), 0.0
+
+    def stop(self) -> None:
+        """Finish the clips in progress, then exit (asked once)."""
+        if not self.stop_sent:
+            self.stop_sent = True
+            self.link.send(Stop())
+
+
+def start_launcher(settings: Settings) -> Launcher:
+    """Local worker processes, or Ray actors on the cluster run.ray_address names."""
+    if settings.run.backend == "ray":
+        from daemon.ray_links import RayLauncher
+
+        return RayLauncher(settings)
+    return ProcessLauncher()
+
+
+class Fleet:
+    def __init__(self, settings: Settings, paths: RunPaths) -> None:
+        self.settings = settings
+        self.paths = paths
+        self.workers: dict[int, WorkerHandle] = {}
+        self.launcher: Launcher | None = None  # started by `open`
+        self._started_at = time.monotonic()
+
+    def open(self) -> None:
+        self.launcher = start_launcher(self.settings)
+
+    def close(self) -> None:
+        if self.launcher is not None:
+            self.launcher.close()
+
+    def __iter__(self) -> Iterator[WorkerHandle]:
+        return iter(list(self.workers.values()))
+
+    def __bool__(self) -> bool:
+        return bool(self.workers)
+
+    @property
+    def busy(self) -> bool:
+        return any(handle.task is not None for handle in self.workers.values())
+
+    @property
+    def running(self) -> int:
+        return sum(1 for handle in self.workers.values() if handle.task is not None)
+
+    def start(self, index: int) -> None:
+        assert self.launcher is not None
+        paths = WorkerPaths(
+            output_dir=str(self.paths.output_dir),
+            temp_dir=str(self.paths.worker_temp(index)),
+            log_dir=str(self.paths.log_dir),
+        )
+        self.workers[index] = WorkerHandle(index, self.launcher.start(index, self.settings, paths))
+
+    def start_due(self, work_waiting: bool) -> None:
+        """Workers whose start is due: staggered, so they do not hit the same site at the same
+        moment; the first at once, the others only while there is work for them."""
+        elapsed = time.monotonic() - self._started_at
+        for index in range(self.settings.run.workers):
+            due = elapsed >= index * self.settings.run.start_delay
+            if index not in self.workers and due and (work_waiting or index == 0):
+                self.start(index)
+
+    def wait(self, timeout: float, wake_fds: list[int]) -> None:
+        """Until a worker says something, a wake descriptor is ready, or `timeout` seconds."""
+        assert self.launcher is not None
+        self.launcher.wait([handle.link for handle in self.workers.values()], timeout, wake_fds)
+
+    def receive(self, handle: WorkerHandle, on_message: Callable[[WorkerHandle, FromWorker], None]) -> None:
+        for message in handle.link.receive():
+            # Every message is a sign of life.
+            handle.last_progress = time.monotonic()
+            on_message(handle, message)
+
+    def forget(self, handle: WorkerHandle) -> str:
+        """A worker that died: out of the fleet, its temp folder removed; returns how it died."""
+        del self.workers[handle.index]
+        how = handle.link.death()
+        handle.link.close()
+        shutil.rmtree(self.paths.worker_temp(handle.index), ignore_errors=True)
+        return how
+
+    def kill_stalled(self) -> None:
+        """Defence in depth: a worker with work and no sign of life for run.stall_seconds (beyond
+        a wait it announced) is killed; its death is then handled like a crash, with the stall as
+        the reason."""
+        limit = self.settings.run.stall_seconds
+        if not limit:
+            return
+        now = time.monotonic()
+        for handle in self.workers.values():
+            if handle.task is None or handle.stalled or not handle.link.alive():
+                continue
+            if now - handle.last_progress <= limit + handle.announced_wait:
+                continue
+            handle.stalled = f"stalled: no progress for {limit:g} s in {handle.phase}"
+            logger.error(f"worker {handle.index} {handle.stalled} on {handle.task.url}; killing it")
+            handle.link.kill()
+
+    def stop_all(self, force: bool, on_stopped: Callable[[WorkerHandle], None]) -> None:
+        """Every worker stops (at once with `force`, else after its clips in progress; killed if it
+        has not within seconds); `on_stopped` reads what each said last."""
+        for handle in self.workers.values():
+            if force:
+                handle.link.stop_now()
+            else:
+                handle.stop()
+        deadline = time.monotonic() + (10 if not force else 5)
+        for handle in self.workers.values():
+            handle.link.join(timeout=max(0.1, deadline - time.monotonic()))
+            if handle.link.alive():
+                handle.link.kill()
+                handle.link.join(timeout=5)
+            on_stopped(handle)
+            handle.link.close()
+            shutil.rmtree(self.paths.worker_temp(handle.index), ignore_errors=True)
+        self.workers.clear()
