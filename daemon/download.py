@@ -1,8 +1,8 @@
 """Fetching one URL with yt-dlp, retrying what is transient and failing fast on what is not.
 
 yt-dlp (and tenacity, which brings asyncio) are imported by the first download, not with this
-module: a worker that only processes local files does without them (about 15 MB of its resident
-memory)."""
+module: a worker that only processes local files does without them (the README's memory figures
+say how much that saves)."""
 
 from __future__ import annotations
 

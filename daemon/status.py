@@ -25,7 +25,7 @@ class WorkerNow:
     worker: int
     url: str
     video_id: str
-    stage: str | None  # the worker's phase (queued, download, process); `stage` in the JSON scripts read
+    phase: str | None  # queued, download or process; "stage" in the JSON (as scripts read it)
     running_seconds: float
     node: str | None = None
 
@@ -96,6 +96,8 @@ class Status:
     def as_json(self) -> dict[str, Any]:
         document = asdict(self)
         document["throughput"]["frames_per_second"] = round(self.throughput.frames_per_second, 3)
+        for worker in document["workers"]:
+            worker["stage"] = worker.pop("phase")  # the ledger's column name, which scripts read
         return document
 
 
@@ -198,7 +200,7 @@ def format_status(status: Status) -> str:
         for worker in status.workers:
             on = f" on {worker.node}" if worker.node else ""
             lines.append(
-                f"worker {worker.worker}{on}: {worker.stage or '-'} {worker.url} "
+                f"worker {worker.worker}{on}: {worker.phase or '-'} {worker.url} "
                 f"({worker.video_id}, {_ago(time.time() - worker.running_seconds)})"
             )
     else:

@@ -155,6 +155,8 @@ class Worker:
         download_seconds = process_seconds = 0.0
         phase = "download"
         try:
+            # A log record's `stage` field is the worker's phase (its name in every log line and in
+            # the JSON logs scripts read, as in the ledger's column).
             with logger.contextualize(stage="download"):
                 self._phase(task.url, "download")
                 started = time.monotonic()
