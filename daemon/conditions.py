@@ -40,7 +40,7 @@ class Conditions:
     def hold(self, condition: Failure) -> None:
         """A folder's disk is full: nothing is handed out until it has room again."""
         if condition.scope is Scope.DISK and condition.where:
-            self.disk.hold(hold_for(Path(condition.where), condition.reason))
+            self.disk.hold(hold_for(Path(condition.where), condition.reason, condition.free_bytes))
             self.disk.blocked()  # says so now, once
 
     def block_site(self, condition: Failure, url: str, waiting: int) -> None:

@@ -47,14 +47,16 @@ class Hold:
     resume_free_bytes: int  # work resumes once this much is free
 
 
-def hold_for(path: Path, reason: str) -> Hold:
-    """A hold on `path`, released once the file system has a margin more free than now."""
+def hold_for(path: Path, reason: str, free_bytes_then: int | None = None) -> Hold:
+    """A hold on `path`, released once its file system has a margin more free than when the write
+    failed (`free_bytes_then`, measured by the writer; now, when it could not say)."""
     probe = path
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     usage = shutil.disk_usage(probe)
     margin = max(HOLD_MARGIN_MIN_BYTES, min(HOLD_MARGIN_BYTES, usage.total // 20))
-    return Hold(path, reason, usage.free + margin)
+    free_then = usage.free if free_bytes_then is None else free_bytes_then
+    return Hold(path, reason, free_then + margin)
 
 
 class DiskGate:

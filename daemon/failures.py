@@ -17,6 +17,7 @@ decides what to do from the scope and kind alone.
 from __future__ import annotations
 
 import errno
+import shutil
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -49,6 +50,9 @@ class Failure:
     retry_after_seconds: float = 0.0  # the least wait the other side asked for (Retry-After)
     bug: bool = False  # an exception our own code did not expect: a smaller retry budget
     http_status: int = 0  # the site's answer, where that says more than the kind (403: see sites)
+    # A full disk: the bytes free on it when the write failed, measured there and then (the
+    # report may reach the supervisor after someone has made room).
+    free_bytes: int | None = None
 
     @property
     def permanent(self) -> bool:
@@ -71,7 +75,19 @@ def transient(scope: Scope, reason: str, retry_after_seconds: float = 0.0) -> Fa
 
 
 def disk_full(folder: Path | str, reason: str) -> Failure:
-    return Failure(Scope.DISK, Kind.CONDITION, reason, where=str(folder))
+    return Failure(
+        Scope.DISK, Kind.CONDITION, reason, where=str(folder), free_bytes=_free_bytes(Path(folder))
+    )
+
+
+def _free_bytes(folder: Path) -> int | None:
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return None
 
 
 def site_blocked(site: str, reason: str, retry_after_seconds: float = 0.0) -> Failure:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import RunSettings
+from daemon.diskspace import DiskGate, hold_for
 from daemon.failures import Kind, Scope, disk_full, from_exception, permanent, transient
 from daemon.policy import BUG_ATTEMPTS, FailurePolicy, GiveUp, RetryLater, WaitFor, worst
 
@@ -109,6 +110,20 @@ def test_a_full_disk_is_the_folders_condition_and_decides_for_the_url() -> None:
     assert worst([past]) is None  # only impossible clips: the URL is done
     assert worst([past, encoder]) is encoder
     assert worst([encoder, failure, past]) is failure
+
+
+def test_a_full_disk_reported_after_room_was_made_does_not_hold_the_run(tmp_path: Path) -> None:
+    # The writer measures what was free when its write failed; a report that reaches the
+    # supervisor after the user freed space must not wait for still more room than that.
+    enospc = OSError(28, "No space left on device")
+    failure = from_exception(enospc, Scope.CLIP, tmp_path / "v", "v")
+    assert failure.free_bytes is not None and failure.free_bytes > 0
+    late = DiskGate([], recheck_seconds=0.0)
+    late.hold(hold_for(tmp_path / "v", failure.reason, free_bytes_then=0))
+    assert late.blocked() is None and not late.holds  # room enough now: work goes on
+    unknown = DiskGate([], recheck_seconds=0.0)
+    unknown.hold(hold_for(tmp_path / "v", failure.reason))  # measured now: a margin more is needed
+    assert unknown.blocked() is not None
 
 
 # --- full disks ---------------------------------------------------------------------------------
