@@ -26,7 +26,7 @@ from daemon.failures import (
     site_blocked,
     transient,
 )
-from daemon.sites import block_text, retry_after_seconds, site_of
+from daemon.sites import block_text, page_block_text, retry_after_seconds, site_of
 
 if TYPE_CHECKING:
     import tenacity
@@ -264,7 +264,10 @@ def _download_once(url: str, options: dict[str, Any], folder: Path) -> Path:
         with yt_dlp.YoutubeDL(options) as ydl:
             info = ydl.extract_info(url, download=True)
     except (DownloadError, ExtractorError) as exc:
-        raise classify(url, exc) from exc
+        failure = classify(url, exc)
+        if failure.kind == "permanent" and failure.reason.startswith("unsupported URL"):
+            failure = _page_block(url, options) or failure
+        raise failure from exc
     except OSError as exc:
         kind = "disk_full" if is_disk_full(exc) else "transient"
         raise DownloadFailure(url, f"{type(exc).__name__}: {exc}", kind) from exc
@@ -290,6 +293,28 @@ def _download_once(url: str, options: dict[str, Any], folder: Path) -> Path:
             "permanent",
         )
     return existing[0]
+
+
+# How much of a page is read to see whether it is a block page rather than a video.
+PAGE_SNIFF_BYTES = 64 * 1024
+
+
+def _page_block(url: str, options: dict[str, Any]) -> DownloadFailure | None:
+    """An http(s) URL that yt-dlp calls unsupported may be a site's bot check or rate-limit page
+    (an HTML page with status 200 where the video should be): read the start of it, through
+    yt-dlp's own networking (its cookies and proxy), and say so if it is one."""
+    import yt_dlp
+
+    try:
+        with yt_dlp.YoutubeDL({**options, "logger": _YtdlpLog()}) as ydl:
+            response = ydl.urlopen(url)
+            page = response.read(PAGE_SNIFF_BYTES).decode("utf-8", "replace")
+    except Exception:  # noqa: BLE001 - no page to read: the URL stays unsupported, as yt-dlp said
+        return None
+    blocked = page_block_text(page)
+    if blocked is None:
+        return None
+    return DownloadFailure(url, f"site blocks us ({blocked}): its page says so instead of a video", "blocked")
 
 
 def _wait_seconds(settings: DownloadSettings) -> Callable[[tenacity.RetryCallState], float]:

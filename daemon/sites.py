@@ -63,6 +63,28 @@ def block_text(message: str) -> BlockText | None:
     return None
 
 
+# Phrases of the pages sites answer a bulk downloader with, where a video (or a page yt-dlp knows)
+# should be: a bot check or a rate limit. Only looked for in a page yt-dlp found no video in, and
+# only phrases that do not turn up on an ordinary page.
+PAGE_BLOCK_TEXTS: tuple[tuple[str, str], ...] = (
+    ("not a bot", "bot check"),
+    ("not a robot", "bot check"),
+    ("unusual traffic", "bot check"),
+    ("rate-limited", "rate limit"),
+    ("rate limited", "rate limit"),
+    ("too many requests", "rate limit"),
+)
+
+
+def page_block_text(page: str) -> str | None:
+    """What a page that stands where a video should be says of a block (bot check, rate limit)."""
+    lowered = page.lower().replace("\u2019", "'")
+    blocked = block_text(lowered)
+    if blocked is not None:
+        return blocked.what
+    return next((what for phrase, what in PAGE_BLOCK_TEXTS if phrase in lowered), None)
+
+
 def site_of(url: str) -> str:
     """The site a URL belongs to: yt-dlp's extractor where it is a known one (YouTube has many
     host names), else the host; a local file has none (it is never paused)."""

@@ -278,6 +278,31 @@ def test_a_storm_of_403s_pauses_the_site_and_marks_no_url_failed(
     assert not re.search(r"WARNING .*try \d of \d failed", done.stderr.split("blocks us", 1)[1])
 
 
+def test_a_bot_check_page_pauses_the_site_and_marks_no_url_failed(
+    server: MediaServer, tiny: Path, workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    # A 200 answer with an HTML page that says "not a bot" where the video should be: yt-dlp calls
+    # the URL unsupported; the page says why.
+    done, _, shown = _run_through_block(server, tiny, workspace, tmp_path, "bot", None)
+    assert done.returncode == 0, done.stderr
+    assert _states(tmp_path) == {"done": URLS}
+    assert "bot check" in str(shown["reason"])
+    assert "unsupported URL" not in done.stderr
+    assert 1 <= len(_blocked_hits(server)) <= 2 * _probe_bound()  # yt-dlp's look-up, then our read
+
+
+def test_an_ordinary_page_that_is_no_video_stays_unsupported(
+    server: MediaServer, workspace: dict[str, Path]
+) -> None:
+    page = server.add("about.html", b"<html><body>About us: we make videos.</body></html>")
+    server.routes["/about.html"].content_type = "text/html"
+    workspace["urls"].write_text(f"{page}\n")
+    (workspace["clips"] / "about.txt").write_text("0 10\n")
+    done = run_cli(workspace, "--workers", "1")
+    assert done.returncode == 1 and "unsupported URL" in done.stderr, done.stderr
+    assert "blocks us" not in done.stderr
+
+
 def test_a_block_past_block_give_up_hours_ends_the_run_with_its_urls_pending(
     server: MediaServer, tiny: Path, workspace: dict[str, Path], tmp_path: Path
 ) -> None:
