@@ -326,3 +326,24 @@ def test_the_run_says_which_javascript_runtime_yt_dlp_uses() -> None:
     )
     found, line = js_runtime_line(missing.download)
     assert not found and JS_RUNTIME_INSTALL in line
+
+
+def test_the_metrics_count_blocks_and_show_paused_sites() -> None:
+    from prometheus_client import generate_latest
+
+    from daemon.events import FleetSnapshot, SiteChanged
+    from daemon.metrics import Metrics
+
+    metrics = Metrics("127.0.0.1:0")
+    try:
+        metrics.on_event(SiteChanged("youtube", blocked=True, reason="HTTP 429"))
+        metrics.on_event(SiteChanged("youtube", blocked=False))
+        metrics.on_event(SiteChanged("example.com", blocked=True, reason="bot check"))
+        ended = {"done": 0, "skipped": 0, "failed": 0}
+        metrics.observe(FleetSnapshot(3, 1, None, ("example.com",), False, False, ended, 0))
+        text = generate_latest(metrics.registry).decode()
+    finally:
+        metrics.close()
+    assert re.search(r"^dap_site_blocks_total 2\.0$", text, re.M), text
+    assert re.search(r"^dap_sites_paused 1\.0$", text, re.M)
+    assert re.search(r"^dap_urls_queued 3\.0$", text, re.M)
