@@ -15,6 +15,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from daemon.budget import CpuBudget
 from daemon.clips import Clip
 from daemon.config import Settings
 from daemon.encode import X265Encoder
@@ -22,7 +23,7 @@ from daemon.frames import ClipEncoder, FrameSource, PictureFormat
 from daemon.gpu.probe import BackendChoice, select_backends
 from daemon.gpu.slots import GpuSlots, RaySlots, slot_dir
 from daemon.messages import ClipResult
-from daemon.pipeline import ClipCutter, ProgressSink, VideoOutcome, decoder_threads, encoder_threads
+from daemon.pipeline import ClipCutter, ProgressSink, VideoOutcome
 from daemon.source import VideoSource
 from daemon.stages import build_stages
 
@@ -62,8 +63,9 @@ class NvencEncoders:
     # What both NVENC and the libx265 stand-in take: RGB (libx265's is copied to the host).
     accepts = frozenset({PictureFormat.HOST_RGB, PictureFormat.DEVICE_RGB})
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, budget: CpuBudget) -> None:
         self.settings = settings
+        self.budget = budget
         self._refusals: set[str] = set()  # each reason is a warning once, then a debug line
 
     def __call__(self, path: Path, width: int, height: int, fps: Fraction) -> ClipEncoder:
@@ -76,16 +78,21 @@ class NvencEncoders:
             log = logger.debug if reason in self._refusals else logger.warning
             self._refusals.add(reason)
             log(f"{path.name}: NVENC cannot open an encoder ({reason}); this one is libx265")
-            return X265Encoder(
-                path, width, height, fps, self.settings.encode, encoder_threads(self.settings, 1)
-            )
+            return X265Encoder(path, width, height, fps, self.settings.encode, self.budget.encoder_threads(1))
 
 
 class Backends:
     """Cuts a source's clips with this worker's backends, inside a GPU slot when the GPU is used."""
 
-    def __init__(self, settings: Settings, choice: BackendChoice, device_name: str = "") -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        choice: BackendChoice,
+        device_name: str = "",
+        budget: CpuBudget | None = None,
+    ) -> None:
         self.settings = settings
+        self.budget = budget or CpuBudget.of_process(settings)
         self.choice = choice
         # A device name, not a torch.device: torch is imported only by what computes on tensors.
         self.device = choice.device
@@ -98,16 +105,17 @@ class Backends:
             settings,
             build_stages(settings, self.device),
             self.device,
-            encoders=NvencEncoders(settings) if choice.encode == "nvenc" else None,
+            encoders=NvencEncoders(settings, self.budget) if choice.encode == "nvenc" else None,
             open_source=self._nvdec_source if choice.decode == "nvdec" else None,
+            budget=self.budget,
         )
         self._cpu_cutter: ClipCutter | None = None
 
     @classmethod
-    def start(cls, settings: Settings) -> Backends:
+    def start(cls, settings: Settings, budget: CpuBudget) -> Backends:
         """Probe (in a child process) and choose; raises GpuUnavailable for codec = "gpu" without one."""
         choice, name = select_backends(settings)
-        return cls(settings, choice, name)
+        return cls(settings, choice, name, budget)
 
     def _nvdec_source(self, path: Path) -> FrameSource:
         from daemon.gpu.nvcodec import NvdecSource, nvdec_unsupported_reason
@@ -119,7 +127,7 @@ class Backends:
             except Exception as exc:  # noqa: BLE001 - the CPU decoder takes over, the URL goes on
                 reason = f"NVDEC unavailable: {exc}"
         logger.info(f"{path.name}: decoded on the CPU and uploaded to the GPU: {reason}")
-        return VideoSource(path, threads=decoder_threads(self.settings))
+        return VideoSource(path, threads=self.budget.decoder_threads)
 
     @contextlib.contextmanager
     def slot(self, what: str, on_wait: Callable[[float], None] | None = None) -> Iterator[None]:
@@ -137,7 +145,9 @@ class Backends:
 
     def _cpu_fallback(self) -> ClipCutter:
         if self._cpu_cutter is None:
-            self._cpu_cutter = ClipCutter(self.settings, build_stages(self.settings, "cpu"), "cpu")
+            self._cpu_cutter = ClipCutter(
+                self.settings, build_stages(self.settings, "cpu"), "cpu", budget=self.budget
+            )
         return self._cpu_cutter
 
     def cut(

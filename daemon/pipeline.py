@@ -9,7 +9,6 @@ such pass on a lane of its own.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections import deque
@@ -24,6 +23,7 @@ import av
 import numpy as np
 from loguru import logger
 
+from daemon.budget import CpuBudget
 from daemon.clips import Clip
 from daemon.config import Settings
 from daemon.encode import EncodeError, X265Encoders
@@ -408,8 +408,10 @@ class ClipCutter:
         encoders: EncoderFactory | None = None,
         open_source: SourceOpener | None = None,
         lanes: int | None = None,
+        budget: CpuBudget | None = None,
     ) -> None:
         self.settings = settings
+        self.budget = budget or CpuBudget.of_process(settings)
         self.stages = stages
         self.device = device
         self.width = settings.output.width
@@ -419,8 +421,10 @@ class ClipCutter:
         self.buffer_bytes = int(settings.decode.buffer_mb * 2**20)
         # Clips written at once, each on its own thread: only for the CPU's encoder, since NVENC has
         # its own engine.
-        self.lane_count = lanes or (lane_count(settings) if encoders is None and str(device) == "cpu" else 1)
-        self.encoders = encoders or X265Encoders(settings.encode, encoder_threads(settings, self.lane_count))
+        self.lane_count = lanes or (self.budget.lanes if encoders is None and str(device) == "cpu" else 1)
+        self.encoders = encoders or X265Encoders(
+            settings.encode, self.budget.encoder_threads(self.lane_count)
+        )
         self.open_source = open_source or self._cpu_source
         # Parts each open a decoder of their own: only where that decoder is PyAV's.
         self.cuts_in_parts = open_source is None and self.lane_count > 1
@@ -428,7 +432,7 @@ class ClipCutter:
         self.write_alpha = "matte" in settings.stages and settings.matte.alpha_stream
 
     def _cpu_source(self, path: Path) -> FrameSource:
-        return VideoSource(path, threads=decoder_threads(self.settings))
+        return VideoSource(path, threads=self.budget.decoder_threads)
 
     def run(
         self,
@@ -623,8 +627,7 @@ class SeparateParts:
     def __init__(self, cutter: ClipCutter, parts: list[list[Clip]]) -> None:
         self.parts = parts
         self.lanes = cutter.lane_count
-        # The decoders share the worker's decoding threads (one each, by default).
-        threads = max(1, decoder_threads(cutter.settings) // cutter.lane_count)
+        threads = cutter.budget.part_decoder_threads(cutter.lane_count)
         # One lane each, the part's own: its clips are encoded on its thread as it decodes them.
         self.cutter = ClipCutter(
             cutter.settings,
@@ -633,6 +636,7 @@ class SeparateParts:
             encoders=cutter.encoders,
             open_source=lambda path: VideoSource(path, threads=threads),
             lanes=1,
+            budget=cutter.budget,
         )
 
     def run(
@@ -699,32 +703,6 @@ def picture_bytes(picture: Picture) -> int:
     if isinstance(picture, np.ndarray):
         return int(picture.nbytes)
     return int(picture.numel() * picture.element_size())
-
-
-def core_share(settings: Settings) -> int:
-    """One worker's share of this machine's cores: the workers together use each core once."""
-    cores = len(os.sched_getaffinity(0))
-    return max(1, cores // settings.run.workers)
-
-
-def lane_count(settings: Settings) -> int:
-    """Clips one worker writes at once: its share of the cores (encode.parallel_clips when set),
-    so that the workers together run one encoder per core and never more."""
-    return settings.encode.parallel_clips or core_share(settings)
-
-
-def encoder_threads(settings: Settings, lanes: int) -> int:
-    """Threads of each of a worker's libx265 encoders: its share of the cores over its lanes
-    (one, with a lane per core), so that the encoders of every worker together use each core once
-    (libx265's own choice is every core, in each encoder); encode.threads when set."""
-    return settings.encode.threads or max(1, core_share(settings) // lanes)
-
-
-def decoder_threads(settings: Settings) -> int:
-    """Threads of one worker's CPU decoder: its share of the cores (decode.threads when set).
-    FFmpeg's own choice is every core plus one, in each worker: with two workers on two cores,
-    six decoding threads switching places with the encoders (about 6% of the list job's time)."""
-    return settings.decode.threads or core_share(settings)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from typing import Any
 from loguru import logger
 
 from daemon import logs
+from daemon.budget import CpuBudget
 from daemon.config import Settings
 from daemon.diskspace import DiskGate, Floor
 from daemon.extras import require
@@ -86,7 +87,10 @@ class WorkerActor:
         # The download lands on this node's disk: its floor is checked here, not on the driver.
         temp_floor = Floor("temp", Path(paths.temp_dir), settings.service.min_free_temp_mb)
         disk = DiskGate([temp_floor], settings.service.disk_check_seconds)
-        self.worker = Worker(index, self.mailbox, settings, paths, disk=disk)
+        # Its CPUs are the ones it asked Ray for, whatever the node it landed on has.
+        self.worker = Worker(
+            index, self.mailbox, settings, paths, CpuBudget.of_ray_actor(settings), disk=disk
+        )
         self.node = socket.gethostname()
         logger.info(f"worker {index} ready as a Ray actor (pid {os.getpid()} on {self.node})")
 
@@ -287,18 +291,7 @@ class RayLauncher:
         self._actor_class = ray.remote(WorkerActor)
 
     def start(self, index: int, settings: Settings, paths: WorkerPaths) -> RayLink:
-        cpus = settings.run.ray_worker_cpus
-        encode = settings.encode
-        if not encode.parallel_clips:
-            # Its clips at once: the CPUs it asked for, not the cores of whichever node it lands on.
-            encode = encode.model_copy(update={"parallel_clips": cpus})
-        if not encode.threads:
-            # libx265 on the CPUs it asked for, shared by the clips it writes at once.
-            encode = encode.model_copy(update={"threads": max(1, cpus // encode.parallel_clips)})
-        decode = settings.decode
-        if not decode.threads:  # decoding, too, on the CPUs it asked for, whatever the node has
-            decode = decode.model_copy(update={"threads": cpus})
-        settings = settings.model_copy(update={"encode": encode, "decode": decode})
+        cpus = settings.run.ray_worker_cpus  # the actor shares them out itself (daemon.budget)
         actor = self._actor_class.options(
             num_cpus=cpus,
             max_restarts=0,

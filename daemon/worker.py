@@ -22,6 +22,7 @@ from typing import Any
 from loguru import logger
 
 from daemon import logs
+from daemon.budget import CpuBudget
 from daemon.clips import Clip
 from daemon.config import Settings
 from daemon.diskspace import DiskGate
@@ -111,6 +112,7 @@ class Worker:
         conn: WorkerChannel,
         settings: Settings,
         paths: WorkerPaths,
+        budget: CpuBudget,
         disk: DiskGate | None = None,
     ) -> None:
         self.index = index
@@ -126,7 +128,7 @@ class Worker:
         from daemon.backends import Backends
 
         # Chosen once, by a probe in a child process; encode.codec = "cpu" never touches a GPU.
-        self.backends = Backends.start(settings)
+        self.backends = Backends.start(settings, budget)
 
     def serve(self) -> None:
         logger.info(f"worker {self.index} ready (pid {os.getpid()}, device {self.backends.device})")
@@ -277,7 +279,7 @@ def worker_main(index: int, conn: WorkerChannel, settings: Settings, paths: Work
             f"worker-{index}", logs.worker_log_path(Path(paths.log_dir), index), settings.run
         )
         temp.mkdir(parents=True, exist_ok=True)
-        worker = Worker(index, conn, settings, paths)
+        worker = Worker(index, conn, settings, paths, CpuBudget.of_process(settings))
     except Exception as exc:  # noqa: BLE001 - one line on stderr; the supervisor decides what follows
         print(
             f"download_and_process: worker {index} cannot start: {type(exc).__name__}: {exc}", file=sys.stderr

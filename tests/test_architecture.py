@@ -50,6 +50,7 @@ LAYERS: list[set[str]] = [
         "daemon.failures",
         "daemon.folders",
         "daemon.config",
+        "daemon.budget",
         "daemon.ledger",
         "daemon.clips",
         "daemon.extras",

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from daemon.budget import CpuBudget
 from daemon.clips import Clip
 from daemon.encode import X265Encoder, X265Encoders, x265_params
 from daemon.messages import ClipResult
-from daemon.pipeline import ClipCutter, balanced, grouped, lane_count, separate_parts
+from daemon.pipeline import ClipCutter, balanced, grouped, separate_parts
 from daemon.source import SourceError, VideoSource
 from daemon.stages import build_stages
 from daemon.timing import FrameSchedule
@@ -107,9 +108,9 @@ def test_with_lanes_no_clip_is_encoded_on_the_decoding_thread_and_encoders_go_wh
 
 def test_the_lane_budget_is_the_workers_share_of_the_cores() -> None:
     cores = len(__import__("os").sched_getaffinity(0))
-    assert lane_count(settings(**{"run.workers": 1})) == cores
-    assert lane_count(settings(**{"run.workers": cores * 2})) == 1
-    assert lane_count(settings(**{"encode.parallel_clips": 5})) == 5
+    assert CpuBudget.of_process(settings(**{"run.workers": 1})).lanes == cores
+    assert CpuBudget.of_process(settings(**{"run.workers": cores * 2})).lanes == 1
+    assert CpuBudget.of_process(settings(**{"encode.parallel_clips": 5})).lanes == 5
     single = x265_params(settings().encode, threads=1)
     assert "pools=1" in single and "frame-threads=1" in single
     assert "pools=3" in x265_params(settings(**{"encode.threads": 3}).encode, threads=1)
@@ -149,7 +150,7 @@ def test_workers_auto_is_resolved_once_to_a_number() -> None:
     cores = len(__import__("os").sched_getaffinity(0))
     config = settings(**{"run.workers": "auto", "encode.codec": "cpu"})
     assert config.run.workers == max(2, cores // 4)
-    assert lane_count(config) == max(1, cores // config.run.workers)
+    assert CpuBudget.of_process(config).lanes == max(1, cores // config.run.workers)
 
 
 def test_an_upscale_a_large_source_does_not_need_leaves_the_fast_path_on(tmp_path: Path) -> None:
