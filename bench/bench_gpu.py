@@ -130,7 +130,7 @@ def bench_steps(settings: Settings, source: Path, device_id: int, nvenc: bool, f
                 encoder = NvencEncoder(Path(folder) / "n.hevc", out_w, out_h, fps, settings.encode, device_id)
                 for batch in outputs:
                     encoder.write(batch)
-                encoder.finish(sum(len(b) for b in outputs))
+                encoder.finish()
 
             timed("encode, NVENC HEVC", len(rgb), encode_nvenc, sync)
         else:
@@ -141,7 +141,7 @@ def bench_steps(settings: Settings, source: Path, device_id: int, nvenc: bool, f
             encoder = X265Encoder(Path(folder) / "x.hevc", out_w, out_h, fps, settings.encode)
             for batch in host:
                 encoder.write(batch)
-            encoder.finish(sum(len(b) for b in host))
+            encoder.finish()
 
         timed(f"encode, libx265 preset {settings.encode.preset}", len(rgb), encode_x265, lambda: None)
 

@@ -1,9 +1,9 @@
-"""Writing one clip as a raw HEVC (Annex-B) stream, atomically: a `.part` file renamed when complete."""
+"""Encoding one clip as a raw HEVC (Annex-B) stream with libx265, into the file it is given (the
+clip's `.part` file: daemon.partfile publishes it)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -16,8 +16,8 @@ from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
 from av.video.stream import VideoStream
 
 from daemon.config import EncodeSettings
-from daemon.folders import PART_SUFFIX, part_path
 from daemon.frames import ClipEncoder, PictureFormat, Pictures
+from daemon.partfile import PART_SUFFIX
 
 
 class EncodeError(Exception):
@@ -67,13 +67,11 @@ class X265Encoder:
         settings: EncodeSettings,
         threads: int = 0,
     ) -> None:
-        self.path = path
-        self.part_path = part_path(path)
+        self.path = path  # where the bytes go
         self.width = width
         self.height = height
         self.frames_written = 0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._container: OutputContainer | None = av.open(str(self.part_path), mode="w", format="hevc")
+        self._container: OutputContainer | None = av.open(str(path), mode="w", format="hevc")
         stream = self._container.add_stream("libx265", rate=fps)
         stream.width = width
         stream.height = height
@@ -130,22 +128,15 @@ class X265Encoder:
         if container is not None:
             container.close()
 
-    def finish(self, expected_frames: int) -> int:
+    def finish(self) -> None:
         container, stream = self._live()
         container.mux(stream.encode(None))
         self._close()
-        if self.frames_written != expected_frames:
-            self.abort()
-            raise EncodeError(
-                f"{self.path.name}: {self.frames_written} frames encoded, {expected_frames} expected"
-            )
-        return publish(self.part_path, self.path)
 
     def abort(self) -> None:
         # Closing a broken encoder must not hide the error that broke it.
         with contextlib.suppress(Exception):
             self._close()
-        self.part_path.unlink(missing_ok=True)
 
 
 class X265Encoders:
@@ -159,22 +150,6 @@ class X265Encoders:
 
     def __call__(self, path: Path, width: int, height: int, fps: Fraction) -> ClipEncoder:
         return X265Encoder(path, width, height, fps, self.settings, self.threads)
-
-
-def publish(part_path: Path, path: Path) -> int:
-    """Make a complete `.part` file durable and give it its final name; returns its size in bytes.
-
-    The data is fsynced before the rename and the folder after it, so after a power cut a clip
-    either exists whole under its final name or not at all."""
-    with open(part_path, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(part_path, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return path.stat().st_size
 
 
 # H.273 code points: BT.709 primaries, transfer and matrix; limited ("video") range.

@@ -30,6 +30,7 @@ from daemon.encode import EncodeError, X265Encoders
 from daemon.failures import Failure, Scope, from_exception, permanent
 from daemon.frames import ClipEncoder, EncoderFactory, Frame, FrameSource, Picture, PictureFormat, Pictures
 from daemon.messages import ClipResult
+from daemon.partfile import IncompleteFile, PartFile, publish_together
 from daemon.source import VideoSource
 from daemon.stages.base import FrameBatch, Stage
 from daemon.stages.resize import Resize
@@ -113,6 +114,14 @@ class PicturePlan:
 
 
 @dataclass
+class ClipStream:
+    """One stream of a clip (its picture, or its matte): the encoder and the file it writes into."""
+
+    file: PartFile
+    encoder: ClipEncoder
+
+
+@dataclass
 class ClipWriter:
     """One clip being written: batches of its pictures through the stages into its main stream and,
     when a matte stage makes one, its `.alpha.hevc` stream; in order, on its lane when it has one."""
@@ -124,18 +133,22 @@ class ClipWriter:
     device: torch.device | str
     write_alpha: bool
     lane: ThreadPoolExecutor | None = None
-    encoder: ClipEncoder = field(init=False)
-    alpha: ClipEncoder | None = None
+    main: ClipStream = field(init=False)
+    alpha: ClipStream | None = None
     pending: list[Picture] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)  # the stages' memory for this clip
     finishing: Future[ClipResult] | None = None
     failed: BaseException | None = None  # what broke a batch on the lane: the clip is not published
 
     def __post_init__(self) -> None:
-        self.encoder = self.open_encoder(self.path)
+        self.main = self._open(self.path)
 
-    def encoders(self) -> list[ClipEncoder]:
-        return [self.encoder] if self.alpha is None else [self.encoder, self.alpha]
+    def _open(self, path: Path) -> ClipStream:
+        file = PartFile(path)
+        return ClipStream(file, self.open_encoder(file.part_path))
+
+    def streams(self) -> list[ClipStream]:
+        return [self.main] if self.alpha is None else [self.main, self.alpha]
 
     def take_pending(self) -> list[Picture]:
         pending, self.pending = self.pending, []
@@ -150,11 +163,12 @@ class ClipWriter:
             raise
 
     def _write(self, pictures: list[Picture]) -> int:
+        encoder = self.main.encoder
         if self.plan.stages_done:
             if isinstance(pictures[0], av.VideoFrame):
-                self.encoder.write(cast(list[av.VideoFrame], pictures))
+                encoder.write(cast(list[av.VideoFrame], pictures))
             else:
-                self.encoder.write(np.stack(cast(list[np.ndarray], pictures)))
+                encoder.write(np.stack(cast(list[np.ndarray], pictures)))
             return len(pictures)
         import torch
 
@@ -169,46 +183,41 @@ class ClipWriter:
             raise RuntimeError(
                 f"stages produced {tuple(batch.rgb.shape[-2:])}, not {self.plan.height}x{self.plan.width}"
             )
-        self.encoder.write(accepted(self.encoder, to_uint8(batch.rgb).permute(0, 2, 3, 1)))
+        encoder.write(accepted(encoder, to_uint8(batch.rgb).permute(0, 2, 3, 1)))
         if batch.alpha is not None and self.write_alpha:
             if self.alpha is None:
-                self.alpha = self.open_encoder(
-                    self.path.with_name(self.path.name.replace(".hevc", ".alpha.hevc"))
-                )
-            self.alpha.write(accepted(self.alpha, to_uint8(batch.alpha)[:, 0]))
+                self.alpha = self._open(self.path.with_name(self.path.name.replace(".hevc", ".alpha.hevc")))
+            self.alpha.encoder.write(accepted(self.alpha.encoder, to_uint8(batch.alpha)[:, 0]))
         return int(batch.rgb.shape[0])
 
     def finish(self, video_id: str) -> ClipResult:
-        """Both streams published, or neither: the main stream first, and a matte that fails takes
-        its main stream with it, so the next run makes both again."""
+        """Both streams published, or neither (daemon.partfile.publish_together): a clip whose
+        matte fails is made again, both streams, by the next run."""
         clip = self.timeline.clip
         expected = self.timeline.frame_count
-        what = video_id
         if self.failed is not None:
             self.abort()
-            return failed_clip(clip, self._failure(self.failed, what))
+            return failed_clip(clip, self._failure(self.failed, video_id))
         try:
-            size = self.encoder.finish(expected)
+            for stream in self.streams():
+                stream.encoder.finish()
+                stream.file.expect_frames(stream.encoder.frames_written, expected)
+            size = publish_together([stream.file for stream in self.streams()])[0]
         except Exception as exc:  # noqa: BLE001 - a clip that cannot be finished is that clip's failure
             self.abort()
-            return failed_clip(clip, self._failure(exc, what))
-        if self.alpha is not None:
-            try:
-                self.alpha.finish(expected)
-            except Exception as exc:  # noqa: BLE001 - as above: the clip, main stream too, is not made
-                self.alpha.abort()
-                self.alpha.path.unlink(missing_ok=True)
-                self.path.unlink(missing_ok=True)
-                return failed_clip(clip, self._failure(exc, what))
+            return failed_clip(clip, self._failure(exc, video_id))
         return ClipResult(clip.start_frame, clip.end_frame, str(self.path), expected, size)
 
     def _failure(self, exc: BaseException, what: str) -> Failure:
-        return from_exception(exc, Scope.CLIP, self.path.parent, what, (EncodeError, av.error.FFmpegError))
+        return from_exception(
+            exc, Scope.CLIP, self.path.parent, what, (EncodeError, IncompleteFile, av.error.FFmpegError)
+        )
 
     def abort(self) -> None:
         """Remove the unfinished files (the lane is stopped first, by whoever owns it)."""
-        for encoder in self.encoders():
-            encoder.abort()
+        for stream in self.streams():
+            stream.encoder.abort()
+            stream.file.abort()
 
 
 class Lanes:

@@ -51,6 +51,7 @@ LAYERS: list[set[str]] = [
         "daemon.folders",
         "daemon.config",
         "daemon.budget",
+        "daemon.partfile",
         "daemon.ledger",
         "daemon.clips",
         "daemon.extras",

@@ -41,14 +41,14 @@ def cutter(vanishing_suffix: str | None) -> ClipCutter:
             return vanishing(X265Encoder(path, width, height, fps, SETTINGS.encode))
 
     def vanishing(encoder: X265Encoder) -> X265Encoder:
-        path = encoder.path
-        if vanishing_suffix and path.name.endswith(vanishing_suffix):
+        path = encoder.path  # the clip's `.part` file
+        if vanishing_suffix and f"{vanishing_suffix}." in path.name:
             original = encoder.finish
 
-            def finish(expected_frames: int) -> int:
+            def finish() -> None:
                 encoder._container.close()
-                encoder.part_path.unlink()
-                return original(expected_frames)
+                encoder.path.unlink()
+                original()
 
             encoder.finish = finish  # type: ignore[method-assign]
         return encoder

@@ -23,6 +23,7 @@ from daemon.backends import Backends
 from daemon.clips import Clip
 from daemon.config import Settings, load_settings
 from daemon.gpu.probe import probe_gpu
+from daemon.partfile import PartFile
 from daemon.source import VideoSource
 
 from conftest import FAST_CONFIG, run_cli
@@ -144,10 +145,13 @@ def test_nvenc_writes_bt709_hevc_with_our_gop_and_every_frame(tmp_path: Path) ->
     for index in range(25):
         frames[index, :, : 8 + index * 8] = 255  # a bar that grows, so frames differ
     path = tmp_path / "v" / "clip.hevc"
-    encoder = NvencEncoder(path, WIDTH, HEIGHT, Fraction(30), settings.encode, 0)
+    file = PartFile(path)
+    encoder = NvencEncoder(file.part_path, WIDTH, HEIGHT, Fraction(30), settings.encode, 0)
     encoder.write(frames[:12])
     encoder.write(frames[12:].cpu().numpy())  # host frames are accepted too
-    assert encoder.finish(25) == path.stat().st_size
+    encoder.finish()
+    file.expect_frames(encoder.frames_written, 25)
+    assert file.publish() == path.stat().st_size
     assert sorted(p.name for p in path.parent.iterdir()) == ["clip.hevc"]  # no .part left
 
     with av.open(str(path)) as container:
