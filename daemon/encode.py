@@ -16,12 +16,8 @@ from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
 from av.video.stream import VideoStream
 
 from daemon.config import EncodeSettings
-from daemon.frames import ClipEncoder, PictureFormat, Pictures
-from daemon.partfile import PART_SUFFIX
-
-
-class EncodeError(Exception):
-    pass
+from daemon.frames import ClipEncoder, EncodeError, PictureFormat, Pictures
+from daemon.partfile import PART_SUFFIX, final_name
 
 
 def x265_params(settings: EncodeSettings, threads: int = 0) -> str:
@@ -68,6 +64,7 @@ class X265Encoder:
         threads: int = 0,
     ) -> None:
         self.path = path  # where the bytes go
+        self.name = final_name(path)  # the clip's, for messages
         self.width = width
         self.height = height
         self.frames_written = 0
@@ -93,7 +90,7 @@ class X265Encoder:
                 self._encode(frame)
             return
         if not isinstance(pictures, np.ndarray):
-            raise EncodeError(f"{self.path.name}: libx265 takes host pictures, not {type(pictures).__name__}")
+            raise EncodeError(f"{self.name}: libx265 takes host pictures, not {type(pictures).__name__}")
         for image in pictures:
             layout = "gray" if image.ndim == 2 else "rgb24"
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format=layout)
@@ -118,7 +115,7 @@ class X265Encoder:
 
     def _live(self) -> tuple[OutputContainer, VideoStream]:
         if self._container is None or self._stream is None:
-            raise EncodeError(f"{self.path.name}: the encoder is closed")
+            raise EncodeError(f"{self.name}: the encoder is closed")
         return self._container, self._stream
 
     def _close(self) -> None:

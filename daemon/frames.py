@@ -85,6 +85,10 @@ class FrameSource(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
+class EncodeError(Exception):
+    """An encoder cannot make this clip (it refused the pictures, or its output cannot be read)."""
+
+
 class ClipEncoder(Protocol):
     """One clip's stream being encoded into the file it was opened on: bytes only (the `.part`
     file's naming, its frame-count check and its publishing are daemon.partfile's)."""

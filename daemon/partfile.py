@@ -28,6 +28,13 @@ def part_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.{host}-{os.getpid()}{PART_SUFFIX}")
 
 
+def final_name(path: Path) -> str:
+    """The name the file at `path` is written for: a `.part` path's final name, for messages."""
+    if not path.name.endswith(PART_SUFFIX):
+        return path.name
+    return path.name.removesuffix(PART_SUFFIX).rsplit(".", 1)[0]
+
+
 def scratch_path(part: Path, tag: str) -> Path:
     """A writer's own scratch file beside `part` (ending in `.part` too, so that what a killed run
     left is removed like any other unfinished file)."""

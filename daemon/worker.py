@@ -25,6 +25,7 @@ from daemon import logs
 from daemon.budget import CpuBudget
 from daemon.clips import Clip
 from daemon.config import Settings
+from daemon.cutting import CutJob
 from daemon.diskspace import DiskGate
 from daemon.download import DownloadFailure, download
 from daemon.failures import Scope, from_exception, permanent
@@ -167,14 +168,9 @@ class Worker:
                 phase = "process"
                 self._phase(task.url, "process")
                 started = time.monotonic()
-                outcome = self.backends.cut(
-                    source,
-                    task.video_id,
-                    [Clip(start, end) for start, end in task.clips],
-                    self.output_dir,
-                    reporter,
-                    self._should_stop,
-                )
+                clips = [Clip(start, end) for start, end in task.clips]
+                job = CutJob(source, task.video_id, clips, self.output_dir, reporter, self._should_stop)
+                outcome = self.backends.cut(job)
                 reporter.flush()
                 process_seconds = time.monotonic() - started
             state = "interrupted" if outcome.interrupted else "done"

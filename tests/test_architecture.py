@@ -20,7 +20,9 @@ LAYERS: list[set[str]] = [
     {"daemon.links", "daemon.ray_links"},
     {"daemon.worker"},
     {"daemon.backends"},
-    {"daemon.pipeline"},
+    {"daemon.cutter"},
+    {"daemon.parts", "daemon.writers"},
+    {"daemon.pictures", "daemon.cutting"},
     {
         "daemon.stages",
         "daemon.stages.resize",

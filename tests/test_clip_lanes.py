@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from daemon.backends import cpu_parts
 from daemon.budget import CpuBudget
 from daemon.clips import Clip
+from daemon.cutter import ClipCutter
+from daemon.cutting import CutJob
 from daemon.encode import X265Encoder, X265Encoders, x265_params
 from daemon.messages import ClipResult
-from daemon.pipeline import ClipCutter, balanced, grouped, separate_parts
+from daemon.parts import balanced, grouped, separate_parts
 from daemon.source import SourceError, VideoSource
 from daemon.stages import build_stages
 from daemon.timing import FrameSchedule
@@ -57,10 +60,10 @@ def test_a_stop_mid_video_keeps_finished_clips_and_leaves_no_partial_file(
             sink.clip_finished(result)  # type: ignore[arg-type]
             stop.set()
 
-    cutter = ClipCutter(config, build_stages(config, "cpu"), "cpu")  # type: ignore[arg-type]
+    cutter = ClipCutter(cpu_parts(config, build_stages(config, "cpu")))  # type: ignore[arg-type]
     # A stop is taken between clips (clips in progress finish): this layout has gaps.
     clips = [Clip(0, 40), Clip(10, 50), Clip(100, 140), Clip(150, 160), Clip(200, 240)]
-    outcome = cutter.run(source, "vid", clips, tmp_path / "out", StopAfterSomeClips(), stop.is_set)
+    outcome = cutter.run(CutJob(source, "vid", clips, tmp_path / "out", StopAfterSomeClips(), stop.is_set))
     assert outcome.interrupted
     finished = [r for r in outcome.results if r.error is None]
     assert finished and len(finished) < len(clips)
@@ -122,7 +125,7 @@ def test_the_encoders_share_the_workers_cores_whatever_the_lane_count() -> None:
     cores = len(__import__("os").sched_getaffinity(0))
 
     def threads(**overrides: object) -> int:
-        encoders = ClipCutter(settings(**overrides), [], "cpu").encoders
+        encoders = cpu_parts(settings(**overrides), []).encoders
         assert isinstance(encoders, X265Encoders)
         return encoders.threads
 
@@ -139,8 +142,8 @@ def test_the_decoder_gets_the_workers_share_of_the_cores_not_ffmpegs_every_core(
         ({"run.workers": cores * 2}, 1),
         ({"run.workers": 1, "decode.threads": 3}, 3),
     ):
-        cutter = ClipCutter(settings(**overrides), [], "cpu")
-        with cutter.open_source(source) as opened:
+        parts = cpu_parts(settings(**overrides), [])
+        with parts.open(source) as opened:
             assert isinstance(opened, VideoSource)
             assert opened.stream.codec_context.thread_count == expected, overrides
 
@@ -267,9 +270,9 @@ def test_a_failed_part_stops_the_others_and_keeps_what_they_finished(
     clips = [Clip(0, 50), Clip(100, 140), Clip(170, 190), Clip(210, 240)]
     sink = CollectedClips()
     config = settings(**{"encode.parallel_clips": 2})
-    cutter = ClipCutter(config, build_stages(config, "cpu"), "cpu")  # type: ignore[arg-type]
+    cutter = ClipCutter(cpu_parts(config, build_stages(config, "cpu")))  # type: ignore[arg-type]
     with pytest.raises(SourceError, match="cannot seek to 3.333s"):
-        cutter.run(source, "vid", clips, tmp_path / "out", sink)
+        cutter.run(CutJob(source, "vid", clips, tmp_path / "out", sink))
     assert [(r.start_frame, r.end_frame, r.error) for r in sink.results] == [(0, 50, None)]
     assert [p.name for p in (tmp_path / "out" / "vid").iterdir()] == ["vid_0000000_0000050.hevc"]
 
@@ -282,9 +285,9 @@ def test_an_error_on_the_cutters_thread_abandons_every_part_at_once(tmp_path: Pa
 
     sink = FailingSink()
     config = settings(**{"encode.parallel_clips": 2})
-    cutter = ClipCutter(config, build_stages(config, "cpu"), "cpu")  # type: ignore[arg-type]
+    cutter = ClipCutter(cpu_parts(config, build_stages(config, "cpu")))  # type: ignore[arg-type]
     with pytest.raises(KeyboardInterrupt):
-        cutter.run(source, "vid", FAR_APART, tmp_path / "out", sink)
+        cutter.run(CutJob(source, "vid", FAR_APART, tmp_path / "out", sink))
     # At the first batch written, every clip in progress was removed, none finished.
     assert sink.results == []
     assert list((tmp_path / "out" / "vid").iterdir()) == []
@@ -305,8 +308,8 @@ def test_a_stop_request_while_cutting_in_parts_leaves_the_parts_not_started_pend
     clips = [Clip(0, 30), Clip(60, 120), Clip(150, 170), Clip(200, 215)]
     sink = StopAtFirstClip()
     config = settings(**{"encode.parallel_clips": 2})
-    cutter = ClipCutter(config, build_stages(config, "cpu"), "cpu")  # type: ignore[arg-type]
-    outcome = cutter.run(source, "vid", clips, tmp_path / "out", sink, stop.is_set)
+    cutter = ClipCutter(cpu_parts(config, build_stages(config, "cpu")))  # type: ignore[arg-type]
+    outcome = cutter.run(CutJob(source, "vid", clips, tmp_path / "out", sink, stop.is_set))
     assert outcome.interrupted
     made = {(r.start_frame, r.end_frame) for r in outcome.results if r.error is None}
     assert {(0, 30), (60, 120)} <= made and (200, 215) not in made

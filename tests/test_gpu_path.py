@@ -22,6 +22,7 @@ from loguru import logger
 from daemon.backends import Backends
 from daemon.clips import Clip
 from daemon.config import Settings, load_settings
+from daemon.cutting import CutJob
 from daemon.gpu.probe import probe_gpu
 from daemon.partfile import PartFile
 from daemon.source import VideoSource
@@ -59,7 +60,7 @@ def cut(settings: Settings, source: Path, clips: list[Clip], out: Path) -> list[
     """Clips cut the way a worker cuts them, as the source frame indices each output frame shows."""
     backends = Backends.start(settings)
     sink = CollectedClips()
-    backends.cut(source, "v", clips, out, sink, lambda: False)
+    backends.cut(CutJob(source, "v", clips, out, sink, lambda: False))
     assert [result.error for result in sink.results] == [None] * len(clips)
     return [
         decoded_indices(Path(result.path or ""))
@@ -118,12 +119,14 @@ def test_colours_match_the_cpu_path(tmp_path: Path) -> None:
         backends = Backends.start(settings_for(codec, tmp_path))
         sink = CollectedClips()
         backends.cut(
-            source,
-            codec,
-            [Clip(0, 10)],
-            tmp_path,
-            sink,
-            lambda: False,
+            CutJob(
+                source,
+                codec,
+                [Clip(0, 10)],
+                tmp_path,
+                sink,
+                lambda: False,
+            )
         )
         with av.open(sink.results[0].path or "") as container:
             frame = next(container.decode(video=0))

@@ -23,11 +23,11 @@ import torch
 
 from daemon.colour import describe
 from daemon.config import EncodeSettings
-from daemon.encode import EncodeError, tag_bt709
-from daemon.frames import PictureFormat, Pictures
+from daemon.encode import tag_bt709
+from daemon.frames import EncodeError, PictureFormat, Pictures
 from daemon.geometry import DisplayGeometry
 from daemon.gpu.color import as_shown, crop_nv12, nv12_to_rgb, rgb_to_nv12
-from daemon.partfile import scratch_path
+from daemon.partfile import final_name, scratch_path
 from daemon.source import VideoSource, declared_colour
 
 # What NVDEC decodes to NV12 (8-bit 4:2:0), with its size limits: (min w, min h, max w, max h).
@@ -283,6 +283,7 @@ class NvencEncoder:
         import PyNvVideoCodec as nvc  # noqa: N813
 
         self.path = path  # where the bytes go
+        self.name = final_name(path)  # the clip's, for messages
         # NVENC's own bitstream, before its parameter sets are tagged BT.709 into `path`.
         self.untagged_path = scratch_path(path, "nvenc")
         self.device = torch.device("cuda", device_id)
@@ -304,7 +305,7 @@ class NvencEncoder:
     def write(self, pictures: Pictures) -> None:
         """(N, H, W, 3) uint8 RGB, or (N, H, W) luma-only, on the host or the device."""
         if isinstance(pictures, list):
-            raise EncodeError(f"{self.path.name}: NVENC takes RGB pictures, not YUV frames")
+            raise EncodeError(f"{self.name}: NVENC takes RGB pictures, not YUV frames")
         images = torch.as_tensor(pictures).to(self.device, non_blocking=True)
         nv12 = rgb_to_nv12(images)
         # The encoder reads on its own stream: the conversion must be complete first.
@@ -319,7 +320,7 @@ class NvencEncoder:
         try:
             tag_bt709(self.untagged_path, self.path)
         except (av.error.FFmpegError, OSError) as exc:
-            raise EncodeError(f"{self.path.name}: NVENC output cannot be tagged BT.709: {exc}") from exc
+            raise EncodeError(f"{self.name}: NVENC output cannot be tagged BT.709: {exc}") from exc
         finally:
             self.untagged_path.unlink(missing_ok=True)
 
