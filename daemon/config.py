@@ -352,12 +352,13 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def auto_workers(codec: str, max_gpu_jobs: int) -> int:
-    """Workers for `--workers auto` (the rule is daemon.budget's); a GPU counts where a driver loads."""
+def auto_workers(device: str, max_gpu_jobs: int) -> int:
+    """Workers for `--workers auto` (the rule is daemon.budget's); a GPU counts where a driver loads
+    and `device` (encode.codec) lets it be used."""
     from daemon.budget import auto_workers as workers_for
 
     gpu_present = False
-    if codec != "cpu":
+    if device != "cpu":
         from daemon.gpu.driver import driver_problem
 
         gpu_present = not driver_problem()  # "" when an NVIDIA driver loads

@@ -119,8 +119,8 @@ class X265Encoder:
         return self._container, self._stream
 
     def _close(self) -> None:
-        """Close the file and let go of libx265 at once: its pictures (about 40 MB at 640x360) are
-        freed here, on the thread that finishes the clip, not whenever this object is dropped."""
+        """Close the file and let go of libx265 at once: its pictures (see the README for how much)
+        are freed here, on the thread that finishes the clip, not whenever this object is dropped."""
         container, self._container, self._stream = self._container, None, None
         if container is not None:
             container.close()
