@@ -84,9 +84,7 @@ def assemble(
 ) -> CutterParts:
     """The cutter's parts for these backends (stages built on the choice's device unless given)."""
     encoding = ENCODINGS[choice.encode]
-    # Clips written side by side only with a CPU encoder and the stages on the CPU: NVENC has an
-    # engine of its own, and GPU stages run batch after batch on one device.
-    lanes = budget.lanes if encoding.on_cpu and not choice.uses_gpu else 1
+    lanes = budget.lanes_for(cpu_encoder=encoding.on_cpu, gpu_stages=choice.uses_gpu)
     decode = settings.decode
     return CutterParts(
         open_source=NvdecOpener(settings.run.device_id) if choice.decode == "nvdec" else open_cpu_source,

@@ -51,6 +51,12 @@ class CpuBudget:
         encoder per core and never more."""
         return self.parallel_clips or self.cpus
 
+    def lanes_for(self, cpu_encoder: bool, gpu_stages: bool) -> int:
+        """Lanes for a worker's backends: side by side only for an encoder on the CPU's cores with
+        the stages on the CPU too (NVENC has an engine of its own, and stages on a GPU run batch
+        after batch on one device); otherwise one, on the decoding thread."""
+        return self.lanes if cpu_encoder and not gpu_stages else 1
+
     def encoder_threads(self, lanes: int) -> int:
         """Threads of each libx265 encoder when `lanes` of them run at once: the CPUs over the lanes
         (one, with a lane per CPU). libx265's own choice would be every core, in each encoder."""
