@@ -21,17 +21,17 @@ from daemon.timing import ClipTimeline, FrameSchedule
 from daemon.walk import close_frames
 
 
-def separate(parts: CutterParts, job: CutJob) -> list[list[Clip]]:
+def separate(cutter: CutterParts, job: CutJob) -> list[list[Clip]]:
     """The job's clips in parts that lanes can decode on their own, longest first; or one part when
     decoding them apart would leave a lane idle for long (see `separate_parts`)."""
     clips = job.clips
-    timelines = FrameSchedule(clips, parts.clip_fps, parts.fps).timelines
-    with parts.open(job.source_path) as source:
+    timelines = FrameSchedule(clips, cutter.clip_fps, cutter.fps).timelines
+    with cutter.open(job.source_path) as source:
         found = separate_parts(timelines, source.keyframe_seconds)
-        if len(found) > 1 and not lands_in_time(source, found[1][0].start_seconds(parts.clip_fps)):
+        if len(found) > 1 and not lands_in_time(source, found[1][0].start_seconds(cutter.clip_fps)):
             # A wrong index: each part's walk would restart from the beginning of the video.
             return [clips]
-    return balanced(grouped(found, PARTS_PER_LANE * parts.lanes), parts.lanes) or [clips]
+    return balanced(grouped(found, PARTS_PER_LANE * cutter.lanes), cutter.lanes) or [clips]
 
 
 def separate_parts(
