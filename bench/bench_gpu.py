@@ -130,7 +130,7 @@ def bench_steps(settings: Settings, source: Path, device_id: int, nvenc: bool, f
                 encoder = NvencEncoder(Path(folder) / "n.hevc", out_w, out_h, fps, settings.encode, device_id)
                 for batch in outputs:
                     encoder.write(batch)
-                encoder.finish(sum(len(b) for b in outputs))
+                encoder.finish()
 
             timed("encode, NVENC HEVC", len(rgb), encode_nvenc, sync)
         else:
@@ -141,7 +141,7 @@ def bench_steps(settings: Settings, source: Path, device_id: int, nvenc: bool, f
             encoder = X265Encoder(Path(folder) / "x.hevc", out_w, out_h, fps, settings.encode)
             for batch in host:
                 encoder.write(batch)
-            encoder.finish(sum(len(b) for b in host))
+            encoder.finish()
 
         timed(f"encode, libx265 preset {settings.encode.preset}", len(rgb), encode_x265, lambda: None)
 
@@ -149,8 +149,9 @@ def bench_steps(settings: Settings, source: Path, device_id: int, nvenc: bool, f
 def bench_pipeline(settings: Settings, source: Path, frames: int) -> None:
     import torch
 
-    from daemon.backends import Backends
-    from daemon.pipeline import ClipCutter
+    from daemon.backends import Backends, cpu_parts
+    from daemon.cutter import ClipCutter
+    from daemon.cutting import CutJob
     from daemon.stages import build_stages
 
     print("whole pipeline (one clip over the whole source, decode once, stages, encode):")
@@ -158,17 +159,17 @@ def bench_pipeline(settings: Settings, source: Path, frames: int) -> None:
     out_frames = clip.frame_count(settings.clip_fps, settings.fps)
     backends = Backends.start(settings)
     cpu = torch.device("cpu")
-    cpu_cutter = ClipCutter(settings, build_stages(settings, cpu), cpu)
+    cpu_cutter = ClipCutter(cpu_parts(settings, build_stages(settings, cpu)))
     with tempfile.TemporaryDirectory() as folder:
         label = f"GPU path ({backends.choice.describe()})"
 
         def gpu_run() -> None:
-            backends.cut(source, "g", [clip], Path(folder), _Sink(), lambda: False)
+            backends.cut(CutJob(source, "g", [clip], Path(folder), _Sink(), lambda: False))
 
         timed(label, out_frames, gpu_run, lambda: torch.cuda.synchronize(backends.device))
 
         def cpu_run() -> None:
-            cpu_cutter.run(source, "c", [clip], Path(folder), _Sink())
+            cpu_cutter.run(CutJob(source, "c", [clip], Path(folder), _Sink()))
 
         timed("CPU path (PyAV decode, torch stages, libx265)", out_frames, cpu_run, lambda: None)
 

@@ -24,10 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from daemon.backends import cpu_parts
 from daemon.clips import Clip  # noqa: E402
 from daemon.config import Settings, load_settings  # noqa: E402
+from daemon.cutter import ClipCutter
+from daemon.cutting import CutJob  # noqa: E402
 from daemon.messages import ClipResult  # noqa: E402
-from daemon.pipeline import ClipCutter  # noqa: E402
 from daemon.stages import FrameBatch, Stage, build_stages  # noqa: E402
 
 ORIGINAL_FPS = 1800 / 102  # RTX 3060: 1-minute video (30 fps) in 1.7 minutes, SR + matting + background
@@ -104,12 +106,12 @@ class _Count:
 
 
 def pipeline(settings: Settings, source: Path, frames: int, out: Path, device: torch.device) -> float:
-    cutter = ClipCutter(settings, build_stages(settings, device), device)
+    cutter = ClipCutter(cpu_parts(settings, build_stages(settings, device)))
     clip = Clip(0, frames)
 
     def run() -> None:
         sink = _Count()
-        cutter.run(source, "bench", [clip], out, sink)
+        cutter.run(CutJob(source, "bench", [clip], out, sink))
         errors = [result.error for result in sink.results if result.error]
         if errors:
             raise RuntimeError(errors[0])

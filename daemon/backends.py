@@ -1,7 +1,10 @@
-"""A worker's backends: which decoder, stages device and encoder it uses, and what happens when
+"""A worker's backends and the one place that assembles the cutter: which decoder, stages device
+and encoder it uses, how many clips it writes at once on how many threads, and what happens when
 the GPU cannot go on (out of memory, NVDEC failing, NVENC refusing a session).
 
-Chosen once per worker from a probe in a child process; encode.codec = "cpu" never touches a GPU.
+The backend choice is made once per worker from a probe in a child process (encode.codec, the
+device the work runs on: "cpu" never touches a GPU). `assemble` turns the settings, that choice
+and the worker's CPU budget (daemon.budget) into the cutter's parts; nothing past it reads a setting.
 """
 
 from __future__ import annotations
@@ -9,22 +12,104 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
 from loguru import logger
 
+from daemon.budget import CpuBudget
 from daemon.clips import Clip
 from daemon.config import Settings
-from daemon.encode import X265Encoder
-from daemon.frames import ClipEncoder, FrameSource, PictureFormat
+from daemon.cutter import ClipCutter
+from daemon.cutting import CutJob, CutterParts, ProgressSink, VideoOutcome
+from daemon.encode import X265Encoder, X265Encoders
+from daemon.frames import ClipEncoder, EncoderFactory, FrameSource, PictureFormat
 from daemon.gpu.probe import BackendChoice, select_backends
 from daemon.gpu.slots import GpuSlots, RaySlots, slot_dir
 from daemon.messages import ClipResult
-from daemon.pipeline import ClipCutter, ProgressSink, VideoOutcome, decoder_threads, encoder_threads
+from daemon.partfile import final_name
 from daemon.source import VideoSource
 from daemon.stages import build_stages
+from daemon.stages.base import Stage
+
+# Every backend on the CPU: the fallback when the GPU cannot go on, and encode.codec = "cpu".
+CPU_BACKENDS = BackendChoice(decode="cpu", encode="x265", device="cpu")
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """One encoder as the assembly knows it: how to open its factory from the settings, the budget
+    and the lanes; and whether it runs on the CPU's cores (then clips are written side by side, a
+    lane each, and its threads come out of the worker's CPU budget)."""
+
+    factory: Callable[[Settings, CpuBudget, int], EncoderFactory]
+    on_cpu: bool
+
+
+# The encoders, by the name the backend choice gives them.
+ENCODINGS: dict[str, Encoding] = {
+    "x265": Encoding(
+        lambda settings, budget, lanes: X265Encoders(settings.encode, budget.encoder_threads(lanes)), True
+    ),
+    "nvenc": Encoding(lambda settings, budget, lanes: NvencEncoders(settings, budget), False),
+}
+
+
+def open_cpu_source(path: Path, threads: int) -> VideoSource:
+    return VideoSource(path, threads=threads)
+
+
+class NvdecOpener:
+    """NVDEC on the worker's GPU, or PyAV for a source NVDEC cannot decode (frames then uploaded)."""
+
+    def __init__(self, device_id: int) -> None:
+        self.device_id = device_id
+
+    def __call__(self, path: Path, threads: int) -> FrameSource:
+        from daemon.gpu.nvcodec import NvdecSource, nvdec_unsupported_reason
+
+        reason = nvdec_unsupported_reason(path)
+        if not reason:
+            try:
+                return NvdecSource(path, self.device_id)
+            except Exception as exc:  # noqa: BLE001 - the CPU decoder takes over, the URL goes on
+                reason = f"NVDEC unavailable: {exc}"
+        logger.info(f"{path.name}: decoded on the CPU and uploaded to the GPU: {reason}")
+        return open_cpu_source(path, threads)
+
+
+def assemble(
+    settings: Settings, choice: BackendChoice, budget: CpuBudget, stages: list[Stage] | None = None
+) -> CutterParts:
+    """The cutter's parts for these backends (stages built on the choice's device unless given)."""
+    encoding = ENCODINGS[choice.encode]
+    lanes = budget.lanes_for(cpu_encoder=encoding.on_cpu, gpu_stages=choice.uses_gpu)
+    decode = settings.decode
+    return CutterParts(
+        open_source=NvdecOpener(settings.run.device_id) if choice.decode == "nvdec" else open_cpu_source,
+        encoders=encoding.factory(settings, budget, lanes),
+        stages=tuple(build_stages(settings, choice.device) if stages is None else stages),
+        device=choice.device,
+        width=settings.output.width,
+        height=settings.output.height,
+        fps=settings.fps,
+        clip_fps=settings.clip_fps,
+        seek_threshold_seconds=Fraction(decode.seek_threshold_seconds),
+        lanes=lanes,
+        batch_size=decode.batch_size,
+        buffer_bytes=int(decode.buffer_mb * 2**20),
+        write_alpha="matte" in settings.stages and settings.matte.alpha_stream,
+        decoder_threads=budget.decoder_threads,
+        part_decoder_threads=budget.part_decoder_threads(lanes),
+        # Parts each open a decoder of their own: only where that decoder is PyAV's.
+        decodes_in_parts=choice.decode == "cpu" and lanes > 1,
+    )
+
+
+def cpu_parts(settings: Settings, stages: list[Stage] | None = None) -> CutterParts:
+    """The parts of a worker process whose backends are all on the CPU."""
+    return assemble(settings, CPU_BACKENDS, CpuBudget.of_process(settings), stages)
 
 
 @dataclass
@@ -62,8 +147,9 @@ class NvencEncoders:
     # What both NVENC and the libx265 stand-in take: RGB (libx265's is copied to the host).
     accepts = frozenset({PictureFormat.HOST_RGB, PictureFormat.DEVICE_RGB})
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, budget: CpuBudget) -> None:
         self.settings = settings
+        self.budget = budget
         self._refusals: set[str] = set()  # each reason is a warning once, then a debug line
 
     def __call__(self, path: Path, width: int, height: int, fps: Fraction) -> ClipEncoder:
@@ -75,18 +161,23 @@ class NvencEncoders:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             log = logger.debug if reason in self._refusals else logger.warning
             self._refusals.add(reason)
-            log(f"{path.name}: NVENC cannot open an encoder ({reason}); this one is libx265")
-            return X265Encoder(
-                path, width, height, fps, self.settings.encode, encoder_threads(self.settings, 1)
-            )
+            log(f"{final_name(path)}: NVENC cannot open an encoder ({reason}); this one is libx265")
+            return X265Encoder(path, width, height, fps, self.settings.encode, self.budget.encoder_threads(1))
 
 
 class Backends:
     """Cuts a source's clips with this worker's backends, inside a GPU slot when the GPU is used."""
 
-    def __init__(self, settings: Settings, choice: BackendChoice, device_name: str = "") -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        choice: BackendChoice,
+        device_name: str = "",
+        budget: CpuBudget | None = None,
+    ) -> None:
         self.settings = settings
         self.choice = choice
+        self.budget = budget or CpuBudget.of_process(settings)
         # A device name, not a torch.device: torch is imported only by what computes on tensors.
         self.device = choice.device
         self.slots = choose_slots(settings, choice)
@@ -94,32 +185,14 @@ class Backends:
         logger.info(f"backends: {choice.describe()}{where}")
         for reason in choice.fallbacks:
             logger.info(f"fallback: {reason}")
-        self.cutter = ClipCutter(
-            settings,
-            build_stages(settings, self.device),
-            self.device,
-            encoders=NvencEncoders(settings) if choice.encode == "nvenc" else None,
-            open_source=self._nvdec_source if choice.decode == "nvdec" else None,
-        )
-        self._cpu_cutter: ClipCutter | None = None
+        self.parts = assemble(settings, choice, self.budget)
+        self._cpu_parts: CutterParts | None = None
 
     @classmethod
-    def start(cls, settings: Settings) -> Backends:
+    def start(cls, settings: Settings, budget: CpuBudget | None = None) -> Backends:
         """Probe (in a child process) and choose; raises GpuUnavailable for codec = "gpu" without one."""
         choice, name = select_backends(settings)
-        return cls(settings, choice, name)
-
-    def _nvdec_source(self, path: Path) -> FrameSource:
-        from daemon.gpu.nvcodec import NvdecSource, nvdec_unsupported_reason
-
-        reason = nvdec_unsupported_reason(path)
-        if not reason:
-            try:
-                return NvdecSource(path, self.settings.run.device_id)
-            except Exception as exc:  # noqa: BLE001 - the CPU decoder takes over, the URL goes on
-                reason = f"NVDEC unavailable: {exc}"
-        logger.info(f"{path.name}: decoded on the CPU and uploaded to the GPU: {reason}")
-        return VideoSource(path, threads=decoder_threads(self.settings))
+        return cls(settings, choice, name, budget)
 
     @contextlib.contextmanager
     def slot(self, what: str, on_wait: Callable[[float], None] | None = None) -> Iterator[None]:
@@ -136,58 +209,49 @@ class Backends:
                 logger.debug(f"slot given back at {time.time():.3f} for {what}")
 
     def _cpu_fallback(self) -> ClipCutter:
-        if self._cpu_cutter is None:
-            self._cpu_cutter = ClipCutter(self.settings, build_stages(self.settings, "cpu"), "cpu")
-        return self._cpu_cutter
+        if self._cpu_parts is None:
+            self._cpu_parts = assemble(self.settings, CPU_BACKENDS, self.budget)
+        return ClipCutter(self._cpu_parts)
 
-    def cut(
-        self,
-        source: Path,
-        video_id: str,
-        clips: list[Clip],
-        output_dir: Path,
-        sink: ProgressSink,
-        should_stop: Callable[[], bool],
-    ) -> VideoOutcome:
-        """Every clip of `source`, inside a GPU slot; out of device memory, halve the batch and redo
-        the unfinished clips; when that fails at batch size 1, or NVDEC fails, the CPU finishes them."""
-        cutter = self.cutter
+    def cut(self, job: CutJob) -> VideoOutcome:
+        """Every clip of the job's source, inside a GPU slot; out of device memory, halve the batch
+        and redo the unfinished clips; when that fails at batch size 1, or NVDEC fails, the CPU
+        finishes them."""
+        what = f"{job.video_id} ({len(job.clips)} clip(s))"
         if not self.choice.uses_gpu:  # a slot only where run.ray_slot_resource asks for one
-            with self.slot(f"{video_id} ({len(clips)} clip(s))", sink.waiting):
-                return cutter.run(source, video_id, clips, output_dir, sink, should_stop)
+            with self.slot(what, job.sink.waiting):
+                return ClipCutter(self.parts).run(job)
         # The GPU path only: the CPU path of a core install has no torch to import.
         import torch
 
         from daemon.gpu.nvcodec import NvdecError
 
-        recorder = _Recorder(sink)
-        remaining = list(clips)
+        recorder = _Recorder(job.sink)
+        remaining = list(job.clips)
+        parts = self.parts
         reason = ""
-        try:
-            while True:
-                try:
-                    with self.slot(f"{video_id} ({len(remaining)} clip(s))", sink.waiting):
-                        outcome = cutter.run(source, video_id, remaining, output_dir, recorder, should_stop)
-                    return VideoOutcome(results=recorder.results, interrupted=outcome.interrupted)
-                except torch.cuda.OutOfMemoryError:
-                    torch.cuda.empty_cache()
-                    remaining = recorder.unfinished(remaining)
-                    if cutter.batch_size <= 1:
-                        reason = "out of GPU memory at batch size 1"
-                        break
-                    cutter.batch_size = max(1, cutter.batch_size // 2)
-                    logger.warning(
-                        f"{video_id}: out of GPU memory; retrying {len(remaining)} clip(s) "
-                        f"at batch size {cutter.batch_size}"
-                    )
-                except NvdecError as exc:
-                    remaining = recorder.unfinished(remaining)
-                    reason = str(exc)
+        while True:
+            try:
+                with self.slot(f"{job.video_id} ({len(remaining)} clip(s))", job.sink.waiting):
+                    outcome = ClipCutter(parts).run(replace(job, clips=remaining, sink=recorder))
+                return VideoOutcome(results=recorder.results, interrupted=outcome.interrupted)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                remaining = recorder.unfinished(remaining)
+                if parts.batch_size <= 1:
+                    reason = "out of GPU memory at batch size 1"
                     break
-        finally:
-            cutter.batch_size = self.settings.decode.batch_size
-        logger.warning(f"{video_id}: {len(remaining)} clip(s) go to the CPU path: {reason}")
-        outcome = self._cpu_fallback().run(source, video_id, remaining, output_dir, recorder, should_stop)
+                parts = replace(parts, batch_size=max(1, parts.batch_size // 2))
+                logger.warning(
+                    f"{job.video_id}: out of GPU memory; retrying {len(remaining)} clip(s) "
+                    f"at batch size {parts.batch_size}"
+                )
+            except NvdecError as exc:
+                remaining = recorder.unfinished(remaining)
+                reason = str(exc)
+                break
+        logger.warning(f"{job.video_id}: {len(remaining)} clip(s) go to the CPU path: {reason}")
+        outcome = self._cpu_fallback().run(replace(job, clips=remaining, sink=recorder))
         return VideoOutcome(results=recorder.results, interrupted=outcome.interrupted)
 
 

@@ -26,7 +26,7 @@ def check_encoder(settings: Settings, backends: str) -> None:
             encoder = X265Encoder(target, width, height, settings.fps, settings.encode, 1)
             try:
                 encoder.write(np.zeros((1, height, width, 3), dtype=np.uint8))
-                encoder.finish(1)
+                encoder.finish()
             finally:
                 encoder.abort()
         except Exception as exc:  # noqa: BLE001 - any refusal is the configuration's, said in one line

@@ -359,21 +359,17 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def auto_workers(codec: str, max_gpu_jobs: int) -> int:
-    """Workers for `--workers auto`: enough that downloads overlap processing, and with a GPU one
-    more than its slots, so a worker is always downloading while the others keep the GPU busy.
-    Each worker then writes cores / workers clips at once (encode.parallel_clips), so together
-    they run one encoder per core."""
-    import os
+def auto_workers(device: str, max_gpu_jobs: int) -> int:
+    """Workers for `--workers auto` (the rule is daemon.budget's); a GPU counts where a driver loads
+    and `device` (encode.codec) lets it be used."""
+    from daemon.budget import auto_workers as workers_for
 
-    cores = len(os.sched_getaffinity(0))
-    workers = max(2, cores // 4)
-    if codec != "cpu":
+    gpu_present = False
+    if device != "cpu":
         from daemon.gpu.driver import driver_problem
 
-        if not driver_problem():  # "" when an NVIDIA driver loads
-            workers = max(workers, max_gpu_jobs + 1)
-    return min(workers, 256)
+        gpu_present = not driver_problem()  # "" when an NVIDIA driver loads
+    return workers_for(gpu_present, max_gpu_jobs)
 
 
 def load_settings(path: Path | None, overrides: dict[str, Any] | None = None) -> Settings:

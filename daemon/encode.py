@@ -1,9 +1,9 @@
-"""Writing one clip as a raw HEVC (Annex-B) stream, atomically: a `.part` file renamed when complete."""
+"""Encoding one clip as a raw HEVC (Annex-B) stream with libx265, into the file it is given (the
+clip's `.part` file: daemon.partfile publishes it)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -16,12 +16,8 @@ from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
 from av.video.stream import VideoStream
 
 from daemon.config import EncodeSettings
-from daemon.folders import PART_SUFFIX, part_path
-from daemon.frames import ClipEncoder, PictureFormat, Pictures
-
-
-class EncodeError(Exception):
-    pass
+from daemon.frames import ClipEncoder, EncodeError, PictureFormat, Pictures
+from daemon.partfile import PART_SUFFIX, final_name
 
 
 def x265_params(settings: EncodeSettings, threads: int = 0) -> str:
@@ -67,13 +63,12 @@ class X265Encoder:
         settings: EncodeSettings,
         threads: int = 0,
     ) -> None:
-        self.path = path
-        self.part_path = part_path(path)
+        self.path = path  # where the bytes go
+        self.name = final_name(path)  # the clip's, for messages
         self.width = width
         self.height = height
         self.frames_written = 0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._container: OutputContainer | None = av.open(str(self.part_path), mode="w", format="hevc")
+        self._container: OutputContainer | None = av.open(str(path), mode="w", format="hevc")
         stream = self._container.add_stream("libx265", rate=fps)
         stream.width = width
         stream.height = height
@@ -95,7 +90,7 @@ class X265Encoder:
                 self._encode(frame)
             return
         if not isinstance(pictures, np.ndarray):
-            raise EncodeError(f"{self.path.name}: libx265 takes host pictures, not {type(pictures).__name__}")
+            raise EncodeError(f"{self.name}: libx265 takes host pictures, not {type(pictures).__name__}")
         for image in pictures:
             layout = "gray" if image.ndim == 2 else "rgb24"
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format=layout)
@@ -120,32 +115,25 @@ class X265Encoder:
 
     def _live(self) -> tuple[OutputContainer, VideoStream]:
         if self._container is None or self._stream is None:
-            raise EncodeError(f"{self.path.name}: the encoder is closed")
+            raise EncodeError(f"{self.name}: the encoder is closed")
         return self._container, self._stream
 
     def _close(self) -> None:
-        """Close the file and let go of libx265 at once: its pictures (about 40 MB at 640x360) are
-        freed here, on the thread that finishes the clip, not whenever this object is dropped."""
+        """Close the file and let go of libx265 at once: its pictures (see the README for how much)
+        are freed here, on the thread that finishes the clip, not whenever this object is dropped."""
         container, self._container, self._stream = self._container, None, None
         if container is not None:
             container.close()
 
-    def finish(self, expected_frames: int) -> int:
+    def finish(self) -> None:
         container, stream = self._live()
         container.mux(stream.encode(None))
         self._close()
-        if self.frames_written != expected_frames:
-            self.abort()
-            raise EncodeError(
-                f"{self.path.name}: {self.frames_written} frames encoded, {expected_frames} expected"
-            )
-        return publish(self.part_path, self.path)
 
     def abort(self) -> None:
         # Closing a broken encoder must not hide the error that broke it.
         with contextlib.suppress(Exception):
             self._close()
-        self.part_path.unlink(missing_ok=True)
 
 
 class X265Encoders:
@@ -159,22 +147,6 @@ class X265Encoders:
 
     def __call__(self, path: Path, width: int, height: int, fps: Fraction) -> ClipEncoder:
         return X265Encoder(path, width, height, fps, self.settings, self.threads)
-
-
-def publish(part_path: Path, path: Path) -> int:
-    """Make a complete `.part` file durable and give it its final name; returns its size in bytes.
-
-    The data is fsynced before the rename and the folder after it, so after a power cut a clip
-    either exists whole under its final name or not at all."""
-    with open(part_path, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(part_path, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return path.stat().st_size
 
 
 # H.273 code points: BT.709 primaries, transfer and matrix; limited ("video") range.

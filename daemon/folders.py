@@ -8,25 +8,16 @@ the same rules the run used to place them.
 from __future__ import annotations
 
 import hashlib
-import os
-import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.config import ConfigError, Settings
+from daemon.partfile import PART_SUFFIX as PART_SUFFIX  # how an unfinished file is named
 
 LEDGER_NAME = "ledger.sqlite"
 LOCK_NAME = ".download_and_process.lock"
 STATUS_FILE = "service.json"  # what a running service last published about itself, beside the ledger
-PART_SUFFIX = ".part"  # an output file being written; renamed to its final name when complete
-
-
-def part_path(path: Path, tag: str = "") -> Path:
-    """Where `path` is written until it is complete: beside it, named for this machine and process,
-    so writers on several machines sharing one output folder never write into each other's file."""
-    host = socket.gethostname().split(".")[0] or "host"
-    return path.with_name(f"{path.name}{tag}.{host}-{os.getpid()}{PART_SUFFIX}")
 
 
 def _setting(value: str) -> Path | None:

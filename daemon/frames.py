@@ -85,25 +85,29 @@ class FrameSource(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
-class ClipEncoder(Protocol):
-    """One clip's stream being written: `.part` until `finish` renames it, removed by `abort`."""
+class EncodeError(Exception):
+    """An encoder cannot make this clip (it refused the pictures, or its output cannot be read)."""
 
-    path: Path
+
+class ClipEncoder(Protocol):
+    """One clip's stream being encoded into the file it was opened on: bytes only (the `.part`
+    file's naming, its frame-count check and its publishing are daemon.partfile's)."""
+
     frames_written: int
     accepts: frozenset[PictureFormat]
 
     def write(self, pictures: Pictures) -> None:
         """Append a batch of pictures in one of the formats in `accepts`."""
 
-    def finish(self, expected_frames: int) -> int:
-        """Flush, check the frame count, move the file to its final name; returns its size in bytes."""
+    def finish(self) -> None:
+        """Flush the encoder and close the file: every byte of the stream is in it."""
 
     def abort(self) -> None:
-        """Remove the unfinished file."""
+        """Close, whatever state it is in, leaving the file to whoever opened it."""
 
 
 class EncoderFactory(Protocol):
-    """Opens a clip's encoder; `accepts` is what every encoder it opens accepts."""
+    """Opens a clip's encoder on the file at `path`; `accepts` is what every encoder it opens accepts."""
 
     accepts: frozenset[PictureFormat]
 

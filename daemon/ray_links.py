@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
 import socket
 import sys
 import threading
@@ -23,13 +22,12 @@ from typing import Any
 
 from loguru import logger
 
-from daemon import logs
+from daemon.budget import CpuBudget
 from daemon.config import Settings
-from daemon.diskspace import DiskGate, Floor
 from daemon.extras import require
 from daemon.gpu.slots import slot_group_name
 from daemon.messages import Assign, FromWorker, Ready, Stop, Task, ToWorker, WorkerPaths
-from daemon.worker import Worker
+from daemon.worker import start_worker
 
 # How often the driver looks at its wake-up fds while it waits on the actors.
 _POLL_SECONDS = 0.05
@@ -76,17 +74,9 @@ class WorkerActor:
     """One worker in a Ray actor; made a Ray actor class by RayLauncher."""
 
     def __init__(self, index: int, settings: Settings, paths: WorkerPaths) -> None:
-        logs.configure_from_settings(
-            f"worker-{index}", logs.worker_log_path(Path(paths.log_dir), index), settings.run
-        )
-        # What a dead predecessor with this index left on this node goes first.
-        shutil.rmtree(paths.temp_dir, ignore_errors=True)
-        Path(paths.temp_dir).mkdir(parents=True, exist_ok=True)
         self.mailbox = _Mailbox()
-        # The download lands on this node's disk: its floor is checked here, not on the driver.
-        temp_floor = Floor("temp", Path(paths.temp_dir), settings.service.min_free_temp_mb)
-        disk = DiskGate([temp_floor], settings.service.disk_check_seconds)
-        self.worker = Worker(index, self.mailbox, settings, paths, disk=disk)
+        # Its CPUs are the ones it asked Ray for, whatever the node it landed on has.
+        self.worker = start_worker(index, self.mailbox, settings, paths, CpuBudget.of_ray_actor(settings))
         self.node = socket.gethostname()
         logger.info(f"worker {index} ready as a Ray actor (pid {os.getpid()} on {self.node})")
 
@@ -287,18 +277,7 @@ class RayLauncher:
         self._actor_class = ray.remote(WorkerActor)
 
     def start(self, index: int, settings: Settings, paths: WorkerPaths) -> RayLink:
-        cpus = settings.run.ray_worker_cpus
-        encode = settings.encode
-        if not encode.parallel_clips:
-            # Its clips at once: the CPUs it asked for, not the cores of whichever node it lands on.
-            encode = encode.model_copy(update={"parallel_clips": cpus})
-        if not encode.threads:
-            # libx265 on the CPUs it asked for, shared by the clips it writes at once.
-            encode = encode.model_copy(update={"threads": max(1, cpus // encode.parallel_clips)})
-        decode = settings.decode
-        if not decode.threads:  # decoding, too, on the CPUs it asked for, whatever the node has
-            decode = decode.model_copy(update={"threads": cpus})
-        settings = settings.model_copy(update={"encode": encode, "decode": decode})
+        cpus = settings.run.ray_worker_cpus  # the actor shares them out itself (daemon.budget)
         actor = self._actor_class.options(
             num_cpus=cpus,
             max_restarts=0,

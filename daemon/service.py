@@ -31,6 +31,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
+from daemon import partfile
 from daemon.config import Settings
 from daemon.events import ClipEnded, Event, UrlEnded
 from daemon.folders import STATUS_FILE, RunPaths
@@ -71,12 +72,6 @@ def _unique(folder: Path, name: str) -> Path:
 
 def _now_text() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def write_atomically(path: Path, text: str) -> None:
-    part = path.with_name(f".{path.name}.part")
-    part.write_text(text, encoding="utf-8")
-    os.replace(part, path)
 
 
 @dataclass
@@ -367,7 +362,7 @@ class Service:
             folder = self.inbox_dir / (FAILED if run.failed else DONE)
             target = _unique(folder, path.name)
             # Report first: a crash between the two leaves the list in claimed/, to be redone.
-            write_atomically(target.with_name(target.name + REPORT_SUFFIX), run.report())
+            partfile.write_text(target.with_name(target.name + REPORT_SUFFIX), run.report())
             os.rename(path, target)
             del self.lists[path]
             for url in run.urls:
@@ -412,7 +407,7 @@ class Service:
             "updated_at": time.time(),
         }
         with contextlib.suppress(OSError):
-            write_atomically(self._status_path, json.dumps(document, indent=1) + "\n")
+            partfile.write_text(self._status_path, json.dumps(document, indent=1) + "\n")
 
     # --- the loop -----------------------------------------------------------------------------
 

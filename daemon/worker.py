@@ -22,9 +22,11 @@ from typing import Any
 from loguru import logger
 
 from daemon import logs
+from daemon.budget import CpuBudget
 from daemon.clips import Clip
 from daemon.config import Settings
-from daemon.diskspace import DiskGate
+from daemon.cutting import CutJob
+from daemon.diskspace import DiskGate, Floor
 from daemon.download import DownloadFailure, download
 from daemon.failures import Scope, from_exception, permanent
 from daemon.messages import (
@@ -111,7 +113,8 @@ class Worker:
         conn: WorkerChannel,
         settings: Settings,
         paths: WorkerPaths,
-        disk: DiskGate | None = None,
+        budget: CpuBudget,
+        disk: DiskGate,
     ) -> None:
         self.index = index
         self.conn = conn
@@ -119,14 +122,14 @@ class Worker:
         self.output_dir = Path(paths.output_dir)
         self.temp_dir = Path(paths.temp_dir)
         self.stop_requested = False
-        self.disk = disk  # free-space floors checked here before each download, when given
+        self.disk = disk  # its temp folder's free-space floor, checked before each download
         output = settings.output
         self.output_format = OutputFormat(output.width, output.height, float(settings.fps))
         # The backends module pulls in the pipeline, which the supervisor importing this never needs.
         from daemon.backends import Backends
 
         # Chosen once, by a probe in a child process; encode.codec = "cpu" never touches a GPU.
-        self.backends = Backends.start(settings)
+        self.backends = Backends.start(settings, budget)
 
     def serve(self) -> None:
         logger.info(f"worker {self.index} ready (pid {os.getpid()}, device {self.backends.device})")
@@ -167,14 +170,9 @@ class Worker:
                 phase = "process"
                 self._phase(task.url, "process")
                 started = time.monotonic()
-                outcome = self.backends.cut(
-                    source,
-                    task.video_id,
-                    [Clip(start, end) for start, end in task.clips],
-                    self.output_dir,
-                    reporter,
-                    self._should_stop,
-                )
+                clips = [Clip(start, end) for start, end in task.clips]
+                job = CutJob(source, task.video_id, clips, self.output_dir, reporter, self._should_stop)
+                outcome = self.backends.cut(job)
                 reporter.flush()
                 process_seconds = time.monotonic() - started
             state = "interrupted" if outcome.interrupted else "done"
@@ -218,7 +216,7 @@ class Worker:
 
     def _wait_for_disk(self, reporter: _Reporter) -> None:
         """Waits while this machine's temp folder is below its floor (the gate logs why, once)."""
-        while self.disk is not None and self.disk.blocked() and not self._should_stop():
+        while self.disk.blocked() and not self._should_stop():
             reporter.waiting(self.disk.recheck_seconds)
             time.sleep(self.disk.recheck_seconds)
 
@@ -266,6 +264,24 @@ def _terminate(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+def start_worker(
+    index: int, conn: WorkerChannel, settings: Settings, paths: WorkerPaths, budget: CpuBudget
+) -> Worker:
+    """What every worker does before it takes a URL, in a process or a Ray actor alike: its log
+    file, an empty temp folder (what a dead predecessor with this index left goes first), the
+    free-space floor of that folder (checked before each download: on a Ray node the driver cannot
+    see this disk), and its backends on `budget`'s CPUs."""
+    logs.configure_from_settings(
+        f"worker-{index}", logs.worker_log_path(Path(paths.log_dir), index), settings.run
+    )
+    temp = Path(paths.temp_dir)
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir(parents=True, exist_ok=True)
+    service = settings.service
+    disk = DiskGate([Floor("temp", temp, service.min_free_temp_mb)], service.disk_check_seconds)
+    return Worker(index, conn, settings, paths, budget, disk)
+
+
 def worker_main(index: int, conn: WorkerChannel, settings: Settings, paths: WorkerPaths) -> None:
     """Entry point of a worker process (spawned, so nothing CUDA-related is inherited)."""
     # Ctrl-C, and the hang-up of a closed terminal or SSH session, reach the whole process group;
@@ -274,13 +290,8 @@ def worker_main(index: int, conn: WorkerChannel, settings: Settings, paths: Work
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminate)
     _unmap_large_blocks()
-    temp = Path(paths.temp_dir)
     try:
-        logs.configure_from_settings(
-            f"worker-{index}", logs.worker_log_path(Path(paths.log_dir), index), settings.run
-        )
-        temp.mkdir(parents=True, exist_ok=True)
-        worker = Worker(index, conn, settings, paths)
+        worker = start_worker(index, conn, settings, paths, CpuBudget.of_process(settings))
     except Exception as exc:  # noqa: BLE001 - one line on stderr; the supervisor decides what follows
         print(
             f"download_and_process: worker {index} cannot start: {type(exc).__name__}: {exc}", file=sys.stderr
@@ -292,5 +303,5 @@ def worker_main(index: int, conn: WorkerChannel, settings: Settings, paths: Work
     except (EOFError, BrokenPipeError, ConnectionResetError):
         logger.warning("supervisor went away; stopping")
     finally:
-        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(paths.temp_dir, ignore_errors=True)
         logger.info(f"worker {index} stopped")

@@ -12,10 +12,12 @@ import av
 import numpy as np
 import torch
 
+from daemon.backends import cpu_parts
 from daemon.clips import Clip
 from daemon.config import Settings, load_settings
+from daemon.cutter import ClipCutter
+from daemon.cutting import CutJob
 from daemon.messages import ClipResult
-from daemon.pipeline import ClipCutter
 from daemon.stages import build_stages
 
 BITS = 10  # horizontal bands, most significant on top: up to 1024 distinct frames
@@ -131,7 +133,7 @@ def cut(source: Path, clips: list[Clip], out: Path, config: Settings | None = No
     config = config or settings()
     device = torch.device("cpu")
     sink = CollectedClips()
-    ClipCutter(config, build_stages(config, device), device).run(source, "vid", clips, out, sink)
+    ClipCutter(cpu_parts(config, build_stages(config, device))).run(CutJob(source, "vid", clips, out, sink))
     return {Clip(r.start_frame, r.end_frame): r for r in sink.results}
 
 

@@ -34,7 +34,9 @@ LAYERS: list[set[str]] = [
     {"daemon.links", "daemon.ray_links"},
     {"daemon.worker"},
     {"daemon.backends"},
-    {"daemon.pipeline"},
+    {"daemon.cutter"},
+    {"daemon.parts", "daemon.writers"},
+    {"daemon.pictures", "daemon.cutting"},
     {
         "daemon.stages",
         "daemon.stages.resize",
@@ -66,6 +68,8 @@ LAYERS: list[set[str]] = [
         "daemon.signals",
         "daemon.folders",
         "daemon.config",
+        "daemon.budget",
+        "daemon.partfile",
         "daemon.ledger",
         "daemon.ledger_view",
         "daemon.clips",
@@ -179,3 +183,62 @@ def test_the_checker_sees_a_lazy_upward_import(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     assert imports_of(source, {"daemon.cli", "daemon.supervisor"}) == {"daemon.supervisor"}
+
+
+# --- rules of the house ------------------------------------------------------------------------
+
+MOST_LINES = 500
+# Modules over MOST_LINES: none. A module that grows past it is split by what it does.
+OVER_MOST_LINES: set[str] = set()
+
+# The modules that run the frame loop: they are given their parts (daemon.cutting.CutterParts,
+# assembled by daemon.backends) and must not reach the settings, even through another module.
+FRAME_LOOP = {
+    "daemon.cutter",
+    "daemon.writers",
+    "daemon.parts",
+    "daemon.pictures",
+    "daemon.cutting",
+    "daemon.walk",
+    "daemon.timing",
+}
+
+# Writing a file atomically (fsync, rename) is daemon.partfile's alone.
+PUBLISHING_CALLS = ("os.replace(", "os.fsync(", "mkstemp(")
+PUBLISHES_ON_ITS_OWN = {"daemon.partfile"}
+
+
+def source_text(name: str) -> str:
+    return modules()[name].read_text(encoding="utf-8")
+
+
+def test_no_module_is_over_500_lines() -> None:
+    lengths = {name: len(source_text(name).splitlines()) for name in modules()}
+    assert sorted(name for name, lines in lengths.items() if lines > MOST_LINES) == sorted(OVER_MOST_LINES)
+
+
+def test_the_core_count_is_read_in_one_module() -> None:
+    readers = [
+        name
+        for name in modules()
+        if any(call in source_text(name) for call in ("sched_getaffinity", "cpu_count", "process_cpu_count"))
+    ]
+    assert readers == ["daemon.budget"]
+
+
+def test_the_frame_loop_imports_no_settings() -> None:
+    edges = graph()
+    reached: set[str] = set()
+    waiting = list(FRAME_LOOP)
+    while waiting:
+        module = waiting.pop()
+        if module not in reached:
+            reached.add(module)
+            waiting.extend(edges[module])
+    assert set(modules()) >= FRAME_LOOP
+    assert "daemon.config" not in reached
+
+
+def test_files_are_published_by_one_helper() -> None:
+    publishers = {name for name in modules() if any(call in source_text(name) for call in PUBLISHING_CALLS)}
+    assert publishers == PUBLISHES_ON_ITS_OWN

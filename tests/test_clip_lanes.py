@@ -10,10 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from daemon.backends import cpu_parts
+from daemon.budget import CpuBudget
 from daemon.clips import Clip
+from daemon.cutter import ClipCutter
+from daemon.cutting import CutJob
 from daemon.encode import X265Encoder, X265Encoders, x265_params
 from daemon.messages import ClipResult
-from daemon.pipeline import ClipCutter, balanced, grouped, lane_count, separate_parts
+from daemon.parts import balanced, grouped, separate_parts
 from daemon.source import SourceError, VideoSource
 from daemon.stages import build_stages
 from daemon.timing import FrameSchedule
@@ -56,10 +60,10 @@ def test_a_stop_mid_video_keeps_finished_clips_and_leaves_no_partial_file(
             sink.clip_finished(result)  # type: ignore[arg-type]
             stop.set()
 
-    cutter = ClipCutter(config, build_stages(config, "cpu"), "cpu")  # type: ignore[arg-type]
+    cutter = ClipCutter(cpu_parts(config, build_stages(config, "cpu")))  # type: ignore[arg-type]
     # A stop is taken between clips (clips in progress finish): this layout has gaps.
     clips = [Clip(0, 40), Clip(10, 50), Clip(100, 140), Clip(150, 160), Clip(200, 240)]
-    outcome = cutter.run(source, "vid", clips, tmp_path / "out", StopAfterSomeClips(), stop.is_set)
+    outcome = cutter.run(CutJob(source, "vid", clips, tmp_path / "out", StopAfterSomeClips(), stop.is_set))
     assert outcome.interrupted
     finished = [r for r in outcome.results if r.error is None]
     assert finished and len(finished) < len(clips)
@@ -87,11 +91,10 @@ def test_with_lanes_no_clip_is_encoded_on_the_decoding_thread_and_encoders_go_wh
         most = max(most, len(holding))
         encode(self, frame)  # type: ignore[arg-type]
 
-    def watched_finish(self: X265Encoder, expected_frames: int) -> int:
-        size = finish(self, expected_frames)
+    def watched_finish(self: X265Encoder) -> None:
+        finish(self)
         assert self._container is None and self._stream is None  # libx265 let go of at once
         holding.remove(self)
-        return size
 
     monkeypatch.setattr(X265Encoder, "_encode", watched_encode)
     monkeypatch.setattr(X265Encoder, "finish", watched_finish)
@@ -107,9 +110,9 @@ def test_with_lanes_no_clip_is_encoded_on_the_decoding_thread_and_encoders_go_wh
 
 def test_the_lane_budget_is_the_workers_share_of_the_cores() -> None:
     cores = len(__import__("os").sched_getaffinity(0))
-    assert lane_count(settings(**{"run.workers": 1})) == cores
-    assert lane_count(settings(**{"run.workers": cores * 2})) == 1
-    assert lane_count(settings(**{"encode.parallel_clips": 5})) == 5
+    assert CpuBudget.of_process(settings(**{"run.workers": 1})).lanes == cores
+    assert CpuBudget.of_process(settings(**{"run.workers": cores * 2})).lanes == 1
+    assert CpuBudget.of_process(settings(**{"encode.parallel_clips": 5})).lanes == 5
     single = x265_params(settings().encode, threads=1)
     assert "pools=1" in single and "frame-threads=1" in single
     assert "pools=3" in x265_params(settings(**{"encode.threads": 3}).encode, threads=1)
@@ -122,7 +125,7 @@ def test_the_encoders_share_the_workers_cores_whatever_the_lane_count() -> None:
     cores = len(__import__("os").sched_getaffinity(0))
 
     def threads(**overrides: object) -> int:
-        encoders = ClipCutter(settings(**overrides), [], "cpu").encoders
+        encoders = cpu_parts(settings(**overrides), []).encoders
         assert isinstance(encoders, X265Encoders)
         return encoders.threads
 
@@ -139,8 +142,8 @@ def test_the_decoder_gets_the_workers_share_of_the_cores_not_ffmpegs_every_core(
         ({"run.workers": cores * 2}, 1),
         ({"run.workers": 1, "decode.threads": 3}, 3),
     ):
-        cutter = ClipCutter(settings(**overrides), [], "cpu")
-        with cutter.open_source(source) as opened:
+        parts = cpu_parts(settings(**overrides), [])
+        with parts.open(source) as opened:
             assert isinstance(opened, VideoSource)
             assert opened.stream.codec_context.thread_count == expected, overrides
 
@@ -149,7 +152,7 @@ def test_workers_auto_is_resolved_once_to_a_number() -> None:
     cores = len(__import__("os").sched_getaffinity(0))
     config = settings(**{"run.workers": "auto", "encode.codec": "cpu"})
     assert config.run.workers == max(2, cores // 4)
-    assert lane_count(config) == max(1, cores // config.run.workers)
+    assert CpuBudget.of_process(config).lanes == max(1, cores // config.run.workers)
 
 
 def test_an_upscale_a_large_source_does_not_need_leaves_the_fast_path_on(tmp_path: Path) -> None:
@@ -267,9 +270,9 @@ def test_a_failed_part_stops_the_others_and_keeps_what_they_finished(
     clips = [Clip(0, 50), Clip(100, 140), Clip(170, 190), Clip(210, 240)]
     sink = CollectedClips()
     config = settings(**{"encode.parallel_clips": 2})
-    cutter = ClipCutter(config, build_stages(config, "cpu"), "cpu")  # type: ignore[arg-type]
+    cutter = ClipCutter(cpu_parts(config, build_stages(config, "cpu")))  # type: ignore[arg-type]
     with pytest.raises(SourceError, match="cannot seek to 3.333s"):
-        cutter.run(source, "vid", clips, tmp_path / "out", sink)
+        cutter.run(CutJob(source, "vid", clips, tmp_path / "out", sink))
     assert [(r.start_frame, r.end_frame, r.error) for r in sink.results] == [(0, 50, None)]
     assert [p.name for p in (tmp_path / "out" / "vid").iterdir()] == ["vid_0000000_0000050.hevc"]
 
@@ -282,9 +285,9 @@ def test_an_error_on_the_cutters_thread_abandons_every_part_at_once(tmp_path: Pa
 
     sink = FailingSink()
     config = settings(**{"encode.parallel_clips": 2})
-    cutter = ClipCutter(config, build_stages(config, "cpu"), "cpu")  # type: ignore[arg-type]
+    cutter = ClipCutter(cpu_parts(config, build_stages(config, "cpu")))  # type: ignore[arg-type]
     with pytest.raises(KeyboardInterrupt):
-        cutter.run(source, "vid", FAR_APART, tmp_path / "out", sink)
+        cutter.run(CutJob(source, "vid", FAR_APART, tmp_path / "out", sink))
     # At the first batch written, every clip in progress was removed, none finished.
     assert sink.results == []
     assert list((tmp_path / "out" / "vid").iterdir()) == []
@@ -305,8 +308,8 @@ def test_a_stop_request_while_cutting_in_parts_leaves_the_parts_not_started_pend
     clips = [Clip(0, 30), Clip(60, 120), Clip(150, 170), Clip(200, 215)]
     sink = StopAtFirstClip()
     config = settings(**{"encode.parallel_clips": 2})
-    cutter = ClipCutter(config, build_stages(config, "cpu"), "cpu")  # type: ignore[arg-type]
-    outcome = cutter.run(source, "vid", clips, tmp_path / "out", sink, stop.is_set)
+    cutter = ClipCutter(cpu_parts(config, build_stages(config, "cpu")))  # type: ignore[arg-type]
+    outcome = cutter.run(CutJob(source, "vid", clips, tmp_path / "out", sink, stop.is_set))
     assert outcome.interrupted
     made = {(r.start_frame, r.end_frame) for r in outcome.results if r.error is None}
     assert {(0, 30), (60, 120)} <= made and (200, 215) not in made

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
-import torch
-
+from daemon.backends import cpu_parts
 from daemon.clips import Clip
 from daemon.config import load_settings
+from daemon.cutter import ClipCutter
+from daemon.cutting import CutJob
 from daemon.encode import X265Encoder, X265Encoders
 from daemon.messages import ClipResult
-from daemon.pipeline import ClipCutter
 from daemon.stages import FrameBatch
 from daemon.stages.resize import Resize
 
@@ -41,30 +42,28 @@ def cutter(vanishing_suffix: str | None) -> ClipCutter:
             return vanishing(X265Encoder(path, width, height, fps, SETTINGS.encode))
 
     def vanishing(encoder: X265Encoder) -> X265Encoder:
-        path = encoder.path
-        if vanishing_suffix and path.name.endswith(vanishing_suffix):
+        path = encoder.path  # the clip's `.part` file
+        if vanishing_suffix and f"{vanishing_suffix}." in path.name:
             original = encoder.finish
 
-            def finish(expected_frames: int) -> int:
+            def finish() -> None:
                 encoder._container.close()
-                encoder.part_path.unlink()
-                return original(expected_frames)
+                encoder.path.unlink()
+                original()
 
             encoder.finish = finish  # type: ignore[method-assign]
         return encoder
 
-    device = torch.device("cpu")
-    made = ClipCutter(
-        SETTINGS, [Resize(128, 80, "crop"), BrightnessMatte()], device, encoders=Encoders(SETTINGS.encode)
-    )
-    made.write_alpha = True
+    stages = [Resize(128, 80, "crop"), BrightnessMatte()]
+    parts = replace(cpu_parts(SETTINGS, stages), encoders=Encoders(SETTINGS.encode), write_alpha=True)
+    made = ClipCutter(parts)
     return made
 
 
 def run(tmp_path: Path, vanishing_suffix: str | None) -> tuple[ClipResult, list[str]]:
     source = make_video(tmp_path / "src.mp4", frames=20)
     sink = CollectedClips()
-    cutter(vanishing_suffix).run(source, "v", [Clip(0, 10)], tmp_path / "out", sink)
+    cutter(vanishing_suffix).run(CutJob(source, "v", [Clip(0, 10)], tmp_path / "out", sink))
     return sink.results[0], sorted(p.name for p in (tmp_path / "out" / "v").iterdir())
 
 
@@ -124,8 +123,8 @@ def test_colours_survive_whatever_matrix_the_source_uses(tmp_path: Path) -> None
     ]:
         source = flat_video(tmp_path / f"{name}.mp4", *size, colorspace)
         sink = CollectedClips()
-        ClipCutter(SETTINGS, [Resize(128, 80, "crop")], torch.device("cpu")).run(
-            source, name, [Clip(0, 5)], tmp_path / "out", sink
+        ClipCutter(cpu_parts(SETTINGS, [Resize(128, 80, "crop")])).run(
+            CutJob(source, name, [Clip(0, 5)], tmp_path / "out", sink)
         )
         with av.open(sink.results[0].path or "") as container:
             frame = next(container.decode(video=0))
@@ -145,8 +144,8 @@ def test_the_output_gop_is_ours_not_the_sources(tmp_path: Path) -> None:
     )
     for mode in ("crop", "pad"):  # the YUV path and the RGB path
         sink = CollectedClips()
-        cutter = ClipCutter(settings, [Resize(128, 80, mode)], torch.device("cpu"))  # type: ignore[arg-type]
-        cutter.run(source, mode, [Clip(0, 120)], tmp_path / mode, sink)
+        cutter = ClipCutter(cpu_parts(settings, [Resize(128, 80, mode)]))  # type: ignore[arg-type]
+        cutter.run(CutJob(source, mode, [Clip(0, 120)], tmp_path / mode, sink))
         with av.open(sink.results[0].path or "") as container:
             types = [frame.pict_type for frame in container.decode(video=0)]
         keyframes = [index for index, kind in enumerate(types) if kind == av.video.frame.PictureType.I]

@@ -22,7 +22,9 @@ from loguru import logger
 from daemon.backends import Backends
 from daemon.clips import Clip
 from daemon.config import Settings, load_settings
+from daemon.cutting import CutJob
 from daemon.gpu.probe import probe_gpu
+from daemon.partfile import PartFile
 from daemon.source import VideoSource
 
 from conftest import FAST_CONFIG, run_cli
@@ -58,7 +60,7 @@ def cut(settings: Settings, source: Path, clips: list[Clip], out: Path) -> list[
     """Clips cut the way a worker cuts them, as the source frame indices each output frame shows."""
     backends = Backends.start(settings)
     sink = CollectedClips()
-    backends.cut(source, "v", clips, out, sink, lambda: False)
+    backends.cut(CutJob(source, "v", clips, out, sink, lambda: False))
     assert [result.error for result in sink.results] == [None] * len(clips)
     return [
         decoded_indices(Path(result.path or ""))
@@ -117,12 +119,14 @@ def test_colours_match_the_cpu_path(tmp_path: Path) -> None:
         backends = Backends.start(settings_for(codec, tmp_path))
         sink = CollectedClips()
         backends.cut(
-            source,
-            codec,
-            [Clip(0, 10)],
-            tmp_path,
-            sink,
-            lambda: False,
+            CutJob(
+                source,
+                codec,
+                [Clip(0, 10)],
+                tmp_path,
+                sink,
+                lambda: False,
+            )
         )
         with av.open(sink.results[0].path or "") as container:
             frame = next(container.decode(video=0))
@@ -144,10 +148,13 @@ def test_nvenc_writes_bt709_hevc_with_our_gop_and_every_frame(tmp_path: Path) ->
     for index in range(25):
         frames[index, :, : 8 + index * 8] = 255  # a bar that grows, so frames differ
     path = tmp_path / "v" / "clip.hevc"
-    encoder = NvencEncoder(path, WIDTH, HEIGHT, Fraction(30), settings.encode, 0)
+    file = PartFile(path)
+    encoder = NvencEncoder(file.part_path, WIDTH, HEIGHT, Fraction(30), settings.encode, 0)
     encoder.write(frames[:12])
     encoder.write(frames[12:].cpu().numpy())  # host frames are accepted too
-    assert encoder.finish(25) == path.stat().st_size
+    encoder.finish()
+    file.expect_frames(encoder.frames_written, 25)
+    assert file.publish() == path.stat().st_size
     assert sorted(p.name for p in path.parent.iterdir()) == ["clip.hevc"]  # no .part left
 
     with av.open(str(path)) as container:

@@ -155,6 +155,7 @@ def test_a_clip_nvenc_cannot_open_an_encoder_for_is_made_with_libx265(tmp_path: 
     from daemon.backends import Backends
     from daemon.clips import Clip
     from daemon.config import load_settings
+    from daemon.cutting import CutJob
     from daemon.gpu.probe import BackendChoice
 
     from media import CollectedClips
@@ -168,7 +169,7 @@ def test_a_clip_nvenc_cannot_open_an_encoder_for_is_made_with_libx265(tmp_path: 
         lambda message: lines.append(str(message)), level="DEBUG", format="{level} {message}"
     )
     try:
-        backends.cut(source, "v", [Clip(0, 10), Clip(5, 15)], tmp_path / "out", sink, lambda: False)
+        backends.cut(CutJob(source, "v", [Clip(0, 10), Clip(5, 15)], tmp_path / "out", sink, lambda: False))
     finally:
         logger.remove(handler)
 

@@ -50,9 +50,11 @@ def test_the_decoder_side_resize_matches_the_stage(tmp_path) -> None:  # type: i
     import numpy as np
     from skimage import data
 
+    from daemon.backends import cpu_parts
     from daemon.clips import Clip
     from daemon.config import load_settings
-    from daemon.pipeline import ClipCutter
+    from daemon.cutter import ClipCutter
+    from daemon.cutting import CutJob
 
     photo = data.astronaut()[64:352, :, :]  # 512x288: 16:9
     source = tmp_path / "photo.mp4"
@@ -80,8 +82,8 @@ def test_the_decoder_side_resize_matches_the_stage(tmp_path) -> None:  # type: i
              "encode.preset": "ultrafast"},
         )  # fmt: skip
         stage = Resize(160, 120, mode)  # type: ignore[arg-type]
-        ClipCutter(settings, [stage], torch.device("cpu")).run(
-            source, mode, [Clip(0, 2)], tmp_path / "out", Sink()
+        ClipCutter(cpu_parts(settings, [stage])).run(
+            CutJob(source, mode, [Clip(0, 2)], tmp_path / "out", Sink())
         )
         with av.open(str(tmp_path / "out" / mode / f"{mode}_0000000_0000002.hevc")) as container:
             made = next(container.decode(video=0)).to_ndarray(format="rgb24").astype(np.float64)

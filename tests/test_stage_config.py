@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from daemon.backends import cpu_parts
 from daemon.clips import Clip
 from daemon.config import ConfigError, Settings, load_settings
-from daemon.pipeline import ClipCutter
+from daemon.cutter import ClipCutter
+from daemon.cutting import CutJob
 from daemon.stages import FrameBatch, build_stages
 
 from conftest import FAST_CONFIG, ROOT, run_cli
@@ -111,10 +113,10 @@ def test_upscale_and_matte_write_a_clip_and_its_alpha_stream_with_equal_frame_co
             "decode.batch_size": 4,
         },
     )
-    cutter = ClipCutter(settings, build_stages(settings, CPU), CPU)
-    assert cutter.write_alpha
+    cutter = ClipCutter(cpu_parts(settings, build_stages(settings, CPU)))
+    assert cutter.parts.write_alpha
     sink = CollectedClips()
-    outcome = cutter.run(source, "vid", [Clip(0, 10), Clip(12, 21)], tmp_path / "out", sink)
+    outcome = cutter.run(CutJob(source, "vid", [Clip(0, 10), Clip(12, 21)], tmp_path / "out", sink))
     assert [r.error for r in outcome.results] == [None, None]
     for clip, frames in ((Clip(0, 10), 10), (Clip(12, 21), 9)):
         main = tmp_path / "out" / "vid" / clip.file_name("vid")

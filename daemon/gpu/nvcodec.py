@@ -23,11 +23,11 @@ import torch
 
 from daemon.colour import describe
 from daemon.config import EncodeSettings
-from daemon.encode import EncodeError, publish, tag_bt709
-from daemon.folders import part_path
-from daemon.frames import PictureFormat, Pictures
+from daemon.encode import tag_bt709
+from daemon.frames import EncodeError, PictureFormat, Pictures
 from daemon.geometry import DisplayGeometry
 from daemon.gpu.color import as_shown, crop_nv12, nv12_to_rgb, rgb_to_nv12
+from daemon.partfile import final_name, scratch_path
 from daemon.source import VideoSource, declared_colour
 
 # What NVDEC decodes to NV12 (8-bit 4:2:0), with its size limits: (min w, min h, max w, max h).
@@ -272,7 +272,7 @@ def nvenc_options(settings: EncodeSettings, fps: Fraction, device_id: int) -> di
 
 
 class NvencEncoder:
-    """HEVC through NVENC into a raw Annex-B `.hevc` file, written as `.part` and renamed when complete."""
+    """HEVC through NVENC into the raw Annex-B file it is given (the clip's `.part` file)."""
 
     # Host pictures are uploaded; YUV frames are the CPU encoder's format.
     accepts = frozenset({PictureFormat.DEVICE_RGB, PictureFormat.HOST_RGB})
@@ -282,14 +282,12 @@ class NvencEncoder:
     ) -> None:
         import PyNvVideoCodec as nvc  # noqa: N813
 
-        self.path = path
-        self.part_path = part_path(path)
-        # NVENC's own bitstream, before its parameter sets are tagged BT.709 into part_path. Both
-        # end in .part, so a killed run's leftovers are removed like any other unfinished clip.
-        self.untagged_path = part_path(path, ".nvenc")
+        self.path = path  # where the bytes go
+        self.name = final_name(path)  # the clip's, for messages
+        # NVENC's own bitstream, before its parameter sets are tagged BT.709 into `path`.
+        self.untagged_path = scratch_path(path, "nvenc")
         self.device = torch.device("cuda", device_id)
         self.frames_written = 0
-        path.parent.mkdir(parents=True, exist_ok=True)
         options = nvenc_options(settings, fps, device_id)
         self._encoder = nvc.CreateEncoder(width, height, "NV12", False, **options)
         self._file = open(self.untagged_path, "wb")  # noqa: SIM115 - closed in finish() or abort()
@@ -307,7 +305,7 @@ class NvencEncoder:
     def write(self, pictures: Pictures) -> None:
         """(N, H, W, 3) uint8 RGB, or (N, H, W) luma-only, on the host or the device."""
         if isinstance(pictures, list):
-            raise EncodeError(f"{self.path.name}: NVENC takes RGB pictures, not YUV frames")
+            raise EncodeError(f"{self.name}: NVENC takes RGB pictures, not YUV frames")
         images = torch.as_tensor(pictures).to(self.device, non_blocking=True)
         nv12 = rgb_to_nv12(images)
         # The encoder reads on its own stream: the conversion must be complete first.
@@ -316,24 +314,17 @@ class NvencEncoder:
             self._write_bitstream(self._encoder.Encode(_DeviceFrame(picture)))
             self.frames_written += 1
 
-    def finish(self, expected_frames: int) -> int:
+    def finish(self) -> None:
         self._write_bitstream(self._encoder.EndEncode())
         self._file.close()
-        if self.frames_written != expected_frames:
-            self.abort()
-            raise EncodeError(
-                f"{self.path.name}: {self.frames_written} frames encoded, {expected_frames} expected"
-            )
         try:
-            tag_bt709(self.untagged_path, self.part_path)
+            tag_bt709(self.untagged_path, self.path)
         except (av.error.FFmpegError, OSError) as exc:
-            self.abort()
-            raise EncodeError(f"{self.path.name}: NVENC output cannot be tagged BT.709: {exc}") from exc
-        self.untagged_path.unlink()
-        return publish(self.part_path, self.path)
+            raise EncodeError(f"{self.name}: NVENC output cannot be tagged BT.709: {exc}") from exc
+        finally:
+            self.untagged_path.unlink(missing_ok=True)
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self._file.close()
         self.untagged_path.unlink(missing_ok=True)
-        self.part_path.unlink(missing_ok=True)

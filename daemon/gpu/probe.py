@@ -25,6 +25,12 @@ if TYPE_CHECKING:
 NO_NVENC_MODELS = ("A100", "A30", "A800", "H100", "H200", "H800", "H20")
 
 
+# Where the work runs, as `encode.codec` says it (the key keeps its name; it picks the device for
+# decoding, the stages and encoding alike, not a codec): the GPU where it can, the CPU only, or the
+# GPU or nothing.
+DeviceChoice = Literal["auto", "cpu", "gpu"]
+
+
 class GpuUnavailable(Exception):
     """encode.codec = "gpu" was asked for on a machine where the GPU path cannot run."""
 
@@ -159,15 +165,15 @@ def probe_in_child(device_id: int, timeout_seconds: float = 60.0) -> GpuProbe:
     return GpuProbe(**json.loads(lines[-1]))
 
 
-def choose_backends(codec: Literal["auto", "cpu", "gpu"], probe: GpuProbe | None) -> BackendChoice:
-    """The backends a worker uses; `probe` is None for codec = "cpu", which never looks at a GPU.
+def choose_backends(device: DeviceChoice, probe: GpuProbe | None) -> BackendChoice:
+    """The backends a worker uses; `probe` is None for device "cpu", which never looks at a GPU.
 
-    Raises GpuUnavailable for codec = "gpu" without a usable CUDA device.
+    Raises GpuUnavailable for device "gpu" without a usable CUDA device.
     """
-    if codec == "cpu" or probe is None:
+    if device == "cpu" or probe is None:
         return BackendChoice("cpu", "x265", "cpu", ['encode.codec = "cpu": the GPU is not used'])
     if not probe.has_cuda:
-        if codec == "gpu":
+        if device == "gpu":
             raise GpuUnavailable(f'encode.codec = "gpu" but {probe.cuda_reason}')
         return BackendChoice("cpu", "x265", "cpu", [f"CPU decode, stages and encode: {probe.cuda_reason}"])
     fallbacks = []
@@ -185,10 +191,11 @@ def choose_backends(codec: Literal["auto", "cpu", "gpu"], probe: GpuProbe | None
 
 def select_backends(settings: Settings) -> tuple[BackendChoice, str]:
     """(backends, device name) for a worker; probes in a child process unless encode.codec = "cpu"."""
-    if settings.encode.codec == "cpu":
+    device: DeviceChoice = settings.encode.codec
+    if device == "cpu":
         return choose_backends("cpu", None), ""
     probe = probe_gpu(settings.run.device_id, settings.gpu.probe_timeout_seconds)
-    return choose_backends(settings.encode.codec, probe), probe.device_name
+    return choose_backends(device, probe), probe.device_name
 
 
 def main(argv: list[str] | None = None) -> int:

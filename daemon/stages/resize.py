@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from daemon.config import Settings
-from daemon.stages.base import FrameBatch
+from daemon.stages.base import FrameBatch, ScalePlan
 
 if TYPE_CHECKING:  # planning a resize for the decoder's scaler needs no torch; resizing tensors does
     import torch
@@ -31,11 +31,6 @@ def scale(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(
         images, size=(height, width), mode=mode, antialias=shrinking, align_corners=False
     ).clamp_(0, 1)
-
-
-class ScalePlan(NamedTuple):
-    size: tuple[int, int]  # (width, height) to scale the whole frame to
-    window: tuple[int, int, int, int]  # (left, top, width, height) kept of the scaled frame
 
 
 class Resize:
