@@ -46,8 +46,8 @@ from pathlib import Path
 
 import av
 import numpy as np
-from bench_pipeline import OUT_H, OUT_W, ROOT, daemon_command, ffmpeg_clip_command, h264_writer, write_config
-from bench_throughput import FFMPEG, FPS, PRESET, count_frames, machine, scattered_clips
+from bench_pipeline import OUT_H, OUT_W, ROOT, daemon_command, ffmpeg_clip_command, write_config
+from bench_throughput import FFMPEG, FPS, PRESET, count_frames, machine, make_grain_source, scattered_clips
 from cdn_server import CdnServer
 
 from daemon.config import auto_workers, load_settings
@@ -87,43 +87,10 @@ class Interval:
 
 
 def make_network_source(path: Path, seconds: int, kbits: int, seed: int) -> Path:
-    """1280x720 high profile H.264 at about `kbits` kbit/s: a moving smooth texture plus fresh grain on
-    every frame (so every frame carries real residuals, as camera footage does), B-frames, a keyframe
-    every 5 s."""
-    if path.exists():
-        return path
-    width, height, margin = 1280, 720, 256
-    rng = np.random.default_rng(seed)
-
-    def texture(h: int, w: int) -> np.ndarray:
-        coarse = rng.integers(40, 216, (h // 16 + 2, w // 16 + 2)).astype(np.float32)
-        fine = np.kron(coarse, np.ones((16, 16), np.float32))[:h, :w]
-        for axis in (0, 1):  # a box blur takes the blocks' edges off
-            fine = sum(np.roll(fine, shift, axis) for shift in range(-8, 8)) / 16
-        return fine.astype(np.int16)
-
-    luma = texture(height + margin, width + margin)
-    chroma = [texture((height + margin) // 2, (width + margin) // 2) // 2 + 64 for _ in range(2)]
-    grains = [rng.normal(0, 5.0, (height + 64, width + 64)).astype(np.int16) for _ in range(8)]
-    options = {
-        "preset": "veryfast",
-        "profile": "high",
-        "x264-params": (
-            f"keyint=150:min-keyint=150:scenecut=0:bframes=3:b-adapt=0:bitrate={kbits}"
-            f":vbv-maxrate={kbits * 5 // 4}:vbv-bufsize={kbits * 2}"
-        ),
-    }
-    with h264_writer(path, width, height, options) as write:
-        for index in range(seconds * FPS):
-            dy, dx = (index * 2) % margin, (index * 3) % margin
-            gy, gx = rng.integers(0, 64, 2)
-            y = luma[dy : dy + height, dx : dx + width] + grains[index % 8][gy : gy + height, gx : gx + width]
-            planes = [np.clip(y, 16, 235).astype(np.uint8).ravel()]
-            for plane in chroma:
-                planes.append(plane[dy // 2 : dy // 2 + height // 2, dx // 2 : dx // 2 + width // 2].ravel())
-            image = np.concatenate(planes).astype(np.uint8).reshape(height * 3 // 2, width)
-            write(av.VideoFrame.from_ndarray(image, format="yuv420p"))
-    return path
+    """1280x720 high profile H.264 at about `kbits` kbit/s, made as the throughput bench makes its
+    sources (moving texture, fresh grain on every frame, B-frames), with a keyframe every 5 s."""
+    rate = f"bitrate={kbits}:vbv-maxrate={kbits * 5 // 4}:vbv-bufsize={kbits * 2}"
+    return make_grain_source(path, seconds, 1280, 720, seed=seed, grain=5.0, margin=256, x264_params=rate)
 
 
 def build_sources(folder: Path, small: bool) -> list[Source]:

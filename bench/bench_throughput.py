@@ -95,15 +95,25 @@ class Side:
         return " ".join(f"{s.wall:.1f}" for s in self.samples)
 
 
-def make_grain_source(path: Path, seconds: int = 60, width: int = 1920, height: int = 1080) -> Path:
+def make_grain_source(
+    path: Path,
+    seconds: int = 60,
+    width: int = 1920,
+    height: int = 1080,
+    *,
+    seed: int = 10,
+    grain: float = 4.0,
+    margin: int = 512,
+    x264_params: str = "crf=21",
+) -> Path:
     """Moving smooth texture plus fresh grain on every frame: high profile, B-frames, GOP of 150.
 
     The grain makes every frame carry real residuals, so that decoding it costs about what decoding
-    camera footage of the same size and bitrate costs."""
+    camera footage of the same size and bitrate costs. `x264_params` sets the rate (a CRF, or a
+    bitrate with its VBV)."""
     if path.exists():
         return path
-    rng = np.random.default_rng(10)
-    margin = 512
+    rng = np.random.default_rng(seed)
 
     def texture(h: int, w: int) -> np.ndarray:
         coarse = rng.integers(40, 216, (h // 16 + 2, w // 16 + 2)).astype(np.float32)
@@ -114,12 +124,11 @@ def make_grain_source(path: Path, seconds: int = 60, width: int = 1920, height: 
 
     luma = texture(height + margin, width + margin)
     chroma = [texture((height + margin) // 2, (width + margin) // 2) // 2 + 64 for _ in range(2)]
-    grains = [rng.normal(0, 4.0, (height + 64, width + 64)).astype(np.int16) for _ in range(8)]
+    grains = [rng.normal(0, grain, (height + 64, width + 64)).astype(np.int16) for _ in range(8)]
     options = {
         "preset": "veryfast",
         "profile": "high",
-        "crf": "21",
-        "x264-params": "keyint=150:min-keyint=150:scenecut=0:bframes=3:b-adapt=0",
+        "x264-params": f"keyint=150:min-keyint=150:scenecut=0:bframes=3:b-adapt=0:{x264_params}",
     }
     with h264_writer(path, width, height, options) as write:
         for index in range(seconds * FPS):

@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
+import select
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -142,3 +147,29 @@ def without_modules(tmp_path: Path, modules: tuple[str, ...]) -> tuple[dict[str,
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]))
     env["BLOCKED_IMPORTS_LOG"] = str(attempts)
     return env, attempts
+
+
+def on_terminal(command: list[str], columns: int, cwd: Path = ROOT) -> tuple[int, bytes]:
+    """Run `command` on a pseudo-terminal `columns` wide; its exit status and every byte it wrote."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TERM="xterm", COLUMNS=str(columns))
+    process = subprocess.Popen(command, stdin=follower, stdout=follower, stderr=follower, cwd=cwd, env=env)
+    os.close(follower)
+    screen = b""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            screen += chunk
+        elif process.poll() is not None:
+            break
+    process.wait(timeout=30)
+    os.close(leader)
+    return process.returncode, screen

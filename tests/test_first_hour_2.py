@@ -2,54 +2,22 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import pty
 import re
-import select
 import signal
 import sqlite3
-import struct
 import subprocess
 import sys
-import termios
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import FAST_CONFIG, ROOT, cli_command, run_cli, run_module, wait_for
+from conftest import FAST_CONFIG, ROOT, cli_command, on_terminal, run_cli, run_module, wait_for
 from media import make_video
 from server import MediaServer
-
-# --- a terminal, for the progress display --------------------------------------------------------------
-
-
-def on_terminal(command: list[str], columns: int, cwd: Path = ROOT) -> tuple[int, bytes]:
-    """Run `command` on a pseudo-terminal `columns` wide; its exit status and every byte it wrote."""
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TERM="xterm", COLUMNS=str(columns))
-    process = subprocess.Popen(command, stdin=follower, stdout=follower, stderr=follower, cwd=cwd, env=env)
-    os.close(follower)
-    screen = b""
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([leader], [], [], 0.5)
-        if ready:
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            screen += chunk
-        elif process.poll() is not None:
-            break
-    process.wait(timeout=30)
-    os.close(leader)
-    return process.returncode, screen
 
 
 def render(output: bytes, columns: int) -> list[str]:

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import queue
 import re
-import select
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from conftest import ROOT, cli_command, run_cli, run_command, run_module
+from conftest import ROOT, cli_command, on_terminal, run_cli, run_command, run_module
 from media import make_video
 from server import MediaServer
 
@@ -90,31 +88,9 @@ def test_progress_lines_when_output_is_not_a_terminal(
 
 def test_a_live_progress_bar_on_a_terminal(server: MediaServer, workspace: dict[str, Path]) -> None:
     small_run(server, workspace)
-    leader, follower = pty.openpty()
-    run = subprocess.Popen(
-        cli_command(workspace, "--workers", "1"),
-        stdin=follower, stdout=follower, stderr=follower, cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="120", TERM="xterm"),
-    )  # fmt: skip
-    os.close(follower)
-    screen = b""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([leader], [], [], 0.5)
-        if ready:
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            screen += chunk
-        elif run.poll() is not None:
-            break
-    run.wait(timeout=30)
-    os.close(leader)
+    status, screen = on_terminal(cli_command(workspace, "--workers", "1"), columns=120)
     text = screen.decode(errors="replace")
-    assert run.returncode == 0
+    assert status == 0
     assert "URLs" in text and "1/1" in text and "clips 2" in text and "frames/s" in text
 
 
