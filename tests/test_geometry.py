@@ -21,7 +21,8 @@ from daemon.clips import Clip
 from daemon.geometry import DisplayGeometry, Orientation
 from daemon.gpu.color import as_shown
 from daemon.source import VideoSource
-from tests.media import cut, settings
+
+from media import cut, settings
 
 # Red grows left to right and green top to bottom, so a squeeze or a wrong crop shifts them; blue
 # is one level per quarter, so a turn or a mirror moves it; a white disc in the centre stays round.

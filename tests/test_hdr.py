@@ -16,7 +16,8 @@ from daemon.clips import Clip
 from daemon.config import load_settings
 from daemon.download import ytdlp_options
 from daemon.source import VideoSource
-from tests.media import cut, settings
+
+from media import cut, settings
 
 REFERENCE_WHITE_NITS = 203.0  # BT.2408: HDR reference white, shown as SDR's white
 
