@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from daemon.budget import CpuBudget
 from daemon.clips import Clip
 from daemon.config import Settings
 from daemon.cutter import ClipCutter
-from daemon.cutting import CutJob, CutterParts, ProgressSink, VideoOutcome
+from daemon.cutting import CutJob, CutterParts, ForwardingSink, ProgressSink, VideoOutcome
 from daemon.encode import X265Encoder, X265Encoders
 from daemon.frames import ClipEncoder, EncoderFactory, FrameSource, PictureFormat
 from daemon.gpu.probe import BackendChoice, select_backends
@@ -112,27 +112,18 @@ def cpu_parts(settings: Settings, stages: list[Stage] | None = None) -> CutterPa
     return assemble(settings, CPU_BACKENDS, CpuBudget.of_process(settings), stages)
 
 
-@dataclass
-class _Recorder:
+class _Recorder(ForwardingSink):
     """Passes results on and remembers which clips are done, so a retry only redoes the rest."""
 
-    sink: ProgressSink
-    done: set[tuple[int, int]] = field(default_factory=set)
-    results: list[ClipResult] = field(default_factory=list)
+    def __init__(self, sink: ProgressSink) -> None:
+        super().__init__(sink)
+        self.done: set[tuple[int, int]] = set()
+        self.results: list[ClipResult] = []
 
     def clip_finished(self, result: ClipResult) -> None:
         self.done.add((result.start_frame, result.end_frame))
         self.results.append(result)
         self.sink.clip_finished(result)
-
-    def frames_encoded(self, count: int) -> None:
-        self.sink.frames_encoded(count)
-
-    def frame_decoded(self) -> None:
-        self.sink.frame_decoded()
-
-    def waiting(self, seconds: float) -> None:
-        self.sink.waiting(seconds)
 
     def unfinished(self, clips: list[Clip]) -> list[Clip]:
         return [clip for clip in clips if (clip.start_frame, clip.end_frame) not in self.done]

@@ -35,6 +35,26 @@ class ProgressSink(Protocol):
         """About to wait this long on purpose (for a GPU slot): not a stall."""
 
 
+class ForwardingSink:
+    """A progress sink that passes everything on to `sink`: a sink that adds to one thing (say,
+    remembering the clips finished) overrides that method alone."""
+
+    def __init__(self, sink: ProgressSink) -> None:
+        self.sink = sink
+
+    def clip_finished(self, result: ClipResult) -> None:
+        self.sink.clip_finished(result)
+
+    def frames_encoded(self, count: int) -> None:
+        self.sink.frames_encoded(count)
+
+    def frame_decoded(self) -> None:
+        self.sink.frame_decoded()
+
+    def waiting(self, seconds: float) -> None:
+        self.sink.waiting(seconds)
+
+
 # Opens a decoder on a source file, with this many decoding threads (where the decoder has any).
 SourceOpener = Callable[[Path, int], FrameSource]
 

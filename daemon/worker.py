@@ -251,8 +251,8 @@ def _unmap_large_blocks() -> None:
     """Allocations of 128 KiB and more (pictures waiting for a clip thread, libx265's frame
     buffers) get their own mapping, returned to the system when freed. By default glibc raises this
     threshold as such blocks are freed and then carves them out of its heaps, where pictures freed
-    on one thread and encoders freed on another leave holes the resident size keeps (about 10 MB
-    of a worker's peak with two clip threads). Elsewhere than on glibc this does nothing."""
+    on one thread and encoders freed on another leave holes the resident size keeps (the README's
+    memory section gives the figure). Elsewhere than on glibc this does nothing."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
