@@ -451,6 +451,7 @@ class Service:
             signal.set_wakeup_fd(previous_wakeup)
             with contextlib.suppress(OSError):
                 self._status_path.unlink()
+            partfile.part_path(self._status_path).unlink(missing_ok=True)  # a write cut short
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
             if self.metrics is not None:

@@ -129,6 +129,12 @@ class Supervisor:
         if recovered:
             logger.info(f"{recovered} URL(s) interrupted by an earlier run are pending again")
         removed = remove_partial_files(self.paths.output_dir)
+        # And a killed run's or service's own files cut short beside the ledger (its status, a
+        # manifest): the folders are locked, so no other writer is at work there.
+        for folder in {self.paths.output_dir, self.paths.state_dir}:
+            for part in folder.glob(f"*{PART_SUFFIX}"):
+                part.unlink(missing_ok=True)
+                removed += 1
         if removed:
             logger.info(f"removed {removed} unfinished .part file(s) left by an earlier run")
         shutil.rmtree(self.paths.temp_root, ignore_errors=True)
