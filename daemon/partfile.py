@@ -54,8 +54,12 @@ class PartFile:
         if written != expected:
             raise IncompleteFile(f"{self.path.name}: {written} frames encoded, {expected} expected")
 
-    def publish(self) -> int:
-        """Durable, under its final name; returns its size in bytes."""
+    def publish(self, durable: bool = True) -> int:
+        """Under its final name, durable (fsynced, file and folder) unless it is a note rewritten
+        every few seconds that a power cut may roll back; returns its size in bytes."""
+        if not durable:
+            os.replace(self.part_path, self.path)
+            return self.path.stat().st_size
         return publish_together([self])[0]
 
     def abort(self) -> None:
@@ -90,21 +94,21 @@ def publish_together(files: list[PartFile]) -> list[int]:
 
 
 @contextmanager
-def writing(path: Path) -> Iterator[Path]:
-    """The `.part` path to write `path`'s bytes into; published when the body ends, removed when it
-    raises."""
+def writing(path: Path, durable: bool = True) -> Iterator[Path]:
+    """The `.part` path to write `path`'s bytes into; published when the body ends (see
+    `PartFile.publish` for `durable`), removed when it raises."""
     file = PartFile(path)
     try:
         yield file.part_path
-        file.publish()
+        file.publish(durable)
     except BaseException:
         file.abort()
         raise
 
 
-def write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str, durable: bool = True) -> None:
     """`text` (UTF-8) as the whole of `path`, published atomically."""
-    with writing(path) as part:
+    with writing(path, durable) as part:
         part.write_text(text, encoding="utf-8")
 
 

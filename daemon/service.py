@@ -407,7 +407,8 @@ class Service:
             "updated_at": time.time(),
         }
         with contextlib.suppress(OSError):
-            partfile.write_text(self._status_path, json.dumps(document, indent=1) + "\n")
+            # Rewritten whenever the service's state changes: atomic, but not fsynced each time.
+            partfile.write_text(self._status_path, json.dumps(document, indent=1) + "\n", durable=False)
 
     # --- the loop -----------------------------------------------------------------------------
 
