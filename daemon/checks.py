@@ -84,3 +84,20 @@ def loaded_line(
         f"{where}; stages {', '.join(settings.stages)}; "
         f"{settings.run.workers} worker(s), each {backend}; output {output_dir}"
     )
+
+
+def say_js_runtime(settings: Settings) -> None:
+    """Once per run or service, first: which JavaScript runtime yt-dlp will use for YouTube, or
+    how to get one."""
+    from loguru import logger
+
+    from daemon.download import js_runtime_line
+
+    try:
+        found, line = js_runtime_line(settings.download)
+    except ImportError:
+        return  # a light install without yt-dlp downloads nothing
+    if found:
+        logger.info(line)
+    else:
+        logger.warning(line)

@@ -314,7 +314,7 @@ def read_urls_file(given: Path) -> UrlList:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from daemon.checks import check_encoder, check_gpu, check_stages, loaded_line
+    from daemon.checks import check_encoder, check_gpu, check_stages, loaded_line, say_js_runtime
     from daemon.folders import RunPaths
     from daemon.ledger import LedgerError
     from daemon.locking import AlreadyRunning, lock_run
@@ -346,6 +346,7 @@ def _run(args: argparse.Namespace) -> int:
     backends = check_gpu(settings)
     check_encoder(settings, backends)
     logger.info(loaded_line(config_path(args), settings, backends, paths.output_dir, DEFAULT_CONFIG))
+    say_js_runtime(settings)
     for problem in url_list.problems:
         logger.warning(problem)
 
@@ -402,7 +403,7 @@ def _manifest(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     """`serve`: returns the exit status (0 after a requested stop)."""
-    from daemon.checks import check_encoder, check_gpu, check_stages, loaded_line
+    from daemon.checks import check_encoder, check_gpu, check_stages, loaded_line, say_js_runtime
     from daemon.folders import RunPaths, folder_problem
     from daemon.ledger import LedgerError
     from daemon.locking import AlreadyRunning, lock_run
@@ -442,6 +443,7 @@ def _serve(args: argparse.Namespace) -> int:
     check_encoder(settings, backends)
     # The first line says what was loaded, as `run`'s does.
     logger.info(loaded_line(config_path(args), settings, backends, paths.output_dir, DEFAULT_CONFIG))
+    say_js_runtime(settings)
     address = args.metrics_address if args.metrics_address is not None else service.metrics_address
     runner = Service(settings, paths, inbox.resolve(), address, lock=lock)
     logger.info(

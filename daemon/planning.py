@@ -12,7 +12,7 @@ from pathlib import Path
 from loguru import logger
 
 from daemon.clips import Clip, clip_file_path, read_clip_file
-from daemon.ledger import Ledger, LedgerReader, UrlState
+from daemon.ledger import Ledger, LedgerReader, UrlRow, UrlState
 from daemon.messages import Task
 from daemon.urls import Source
 
@@ -50,10 +50,10 @@ class Planner:
         self.clip_dir = clip_dir
         self.retry_failed = retry_failed
 
-    def video_id(self, source: Source) -> str:
-        """The source's id in this output folder: its own, unless another URL took it first; never
-        two sources under one name, so neither overwrites the other's clips."""
-        row = self.ledger.add_url(source.url, source.video_id, source.list_path)
+    def video_id(self, source: Source, row: UrlRow) -> str:
+        """The source's id in this output folder (`row`: its ledger row): its own, unless another
+        URL took it first; never two sources under one name, so neither overwrites the other's
+        clips."""
         owner = self.ledger.url_with_video_id(row.video_id, source.url)
         if owner is None or self.ledger.added_before(source.url, owner):
             return row.video_id
@@ -70,7 +70,7 @@ class Planner:
         if row.state == UrlState.FAILED and not row.retryable and not self.retry_failed:
             error = f"failed earlier, not retried ({row.error}); use --retry-failed"
             return Settled(UrlState.FAILED, error, [], recorded=True)
-        video_id = self.video_id(source)
+        video_id = self.video_id(source, row)
         clip_path = clip_file_path(self.clip_dir, video_id)
         try:
             clip_file = read_clip_file(clip_path, self.clip_dir)

@@ -33,7 +33,7 @@ from watchdog.observers import Observer
 
 from daemon import partfile
 from daemon.config import Settings
-from daemon.events import ClipEnded, Event, UrlEnded
+from daemon.events import ClipEnded, Event, FleetSnapshot, UrlEnded
 from daemon.folders import STATUS_FILE, RunPaths
 from daemon.locking import FolderLocks, try_exclusive_lock
 from daemon.signals import install_signal_handlers
@@ -375,8 +375,7 @@ class Service:
 
     # --- status -------------------------------------------------------------------------------
 
-    def _status_text(self) -> str:
-        fleet = self.supervisor.snapshot()
+    def _status_text(self, fleet: FleetSnapshot) -> str:
         if fleet.draining:
             return "stopping: finishing in-flight clips" if not fleet.urgent else "stopping now"
         ended = fleet.ended
@@ -393,7 +392,8 @@ class Service:
         return text
 
     def _publish_status(self) -> None:
-        text = self._status_text()
+        fleet = self.supervisor.snapshot()
+        text = self._status_text(fleet)
         self.notifier.status(text)
         if text == self._status_written:
             return
@@ -402,7 +402,7 @@ class Service:
             "pid": os.getpid(),
             "inbox": str(self.inbox_dir),
             "status": text,
-            "paused": self.supervisor.snapshot().disk_paused,
+            "paused": fleet.disk_paused,
             "open_lists": sorted(p.name for p in self.lists),
             "updated_at": time.time(),
         }

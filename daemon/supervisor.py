@@ -80,7 +80,6 @@ class Supervisor:
         self.recorder: Recorder | None = None
         self.policy = FailurePolicy(settings.run)
         self.conditions = Conditions(settings, paths, self.on_event)
-        self.disk = self.conditions.disk
         self.queue = WorkQueue(self.conditions.sites)
         # A run gives up on a block past download.block_give_up_hours (its URLs stay pending);
         # the service keeps waiting.
@@ -107,7 +106,7 @@ class Supervisor:
         return FleetSnapshot(
             queued=len(self.queue),
             running=self.fleet.running,
-            disk_paused=self.disk.reason,
+            disk_paused=self.conditions.disk.reason,
             sites_paused=tuple(sorted(self.conditions.sites.paused())),
             draining=self.draining,
             urgent=self.urgent,
@@ -140,20 +139,6 @@ class Supervisor:
         shutil.rmtree(self.paths.temp_root, ignore_errors=True)
         self.paths.temp_root.mkdir(parents=True, exist_ok=True)
         self.fleet.open()
-        self._say_js_runtime()
-
-    def _say_js_runtime(self) -> None:
-        """Once per run: which JavaScript runtime yt-dlp will use for YouTube, or how to get one."""
-        from daemon.download import js_runtime_line
-
-        try:
-            found, line = js_runtime_line(self.settings.download)
-        except ImportError:
-            return  # a light install without yt-dlp downloads nothing
-        if found:
-            logger.info(line)
-        else:
-            logger.warning(line)
 
     def close(self) -> None:
         self._stop_all_workers(force=True)
@@ -224,7 +209,7 @@ class Supervisor:
             handle.stop()
             return
         # A worker asking for work while disk space is low waits idle; `step` asks again later.
-        task = None if self.disk.blocked() else self.queue.take(time.monotonic())
+        task = None if self.conditions.disk.blocked() else self.queue.take(time.monotonic())
         if task is None:
             handle.idle = True
             return
