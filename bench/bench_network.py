@@ -131,13 +131,15 @@ def stamp(text: str) -> float:
 def worker_timeline(log_dir: Path, began: float) -> list[Interval]:
     """Download and process intervals per worker, from the worker logs (daemon/logs.py's LINE_FORMAT:
     `time | level | worker | video id | stage | message`). A download runs from `downloading …` to
-    `downloaded …`; processing from the source's last download-stage record (its probe) to its last
-    process-stage record (its last clip written)."""
+    `downloaded …`; processing from `cutting on …` (a processing slot taken; before there was one,
+    the source's last download-stage record, its probe) to its last process-stage record (its last
+    clip written)."""
     intervals: list[Interval] = []
     for path in sorted(log_dir.glob("worker-*.log")):
         open_download: dict[str, float] = {}
         last_download: dict[str, float] = {}
         last_process: dict[str, float] = {}
+        cutting: dict[str, float] = {}
         worker = path.stem
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             fields = [part.strip() for part in line.split(" | ", 5)]
@@ -153,8 +155,11 @@ def worker_timeline(log_dir: Path, began: float) -> list[Interval]:
                 last_download[video] = seconds
             elif stage == "process":
                 last_process[video] = seconds
+                if message.startswith("cutting on "):
+                    cutting[video] = seconds
         for video, end in last_process.items():
-            intervals.append(Interval(worker, "process", video, last_download.get(video, end), end))
+            start = cutting.get(video, last_download.get(video, end))
+            intervals.append(Interval(worker, "process", video, start, end))
     return sorted(intervals, key=lambda i: (i.worker, i.start))
 
 

@@ -177,6 +177,8 @@ class Backends:
         for reason in choice.fallbacks:
             logger.info(f"fallback: {reason}")
         self.parts = assemble(settings, choice, self.budget)
+        # Parts for other budgets (a source cut on the cores other workers leave), sharing the stages.
+        self._parts_by_cpus: dict[int, CutterParts] = {self.budget.cpus: self.parts}
         self._cpu_parts: CutterParts | None = None
 
     @classmethod
@@ -204,14 +206,24 @@ class Backends:
             self._cpu_parts = assemble(self.settings, CPU_BACKENDS, self.budget)
         return ClipCutter(self._cpu_parts)
 
-    def cut(self, job: CutJob) -> VideoOutcome:
-        """Every clip of the job's source, inside a GPU slot; out of device memory, halve the batch
-        and redo the unfinished clips; when that fails at batch size 1, or NVDEC fails, the CPU
-        finishes them."""
+    def parts_for(self, budget: CpuBudget | None) -> CutterParts:
+        """The cutter's parts on `budget`'s CPUs (None: the worker's own budget)."""
+        if budget is None:
+            return self.parts
+        if budget.cpus not in self._parts_by_cpus:
+            self._parts_by_cpus[budget.cpus] = assemble(
+                self.settings, self.choice, budget, list(self.parts.stages)
+            )
+        return self._parts_by_cpus[budget.cpus]
+
+    def cut(self, job: CutJob, budget: CpuBudget | None = None) -> VideoOutcome:
+        """Every clip of the job's source, on `budget`'s CPUs (the worker's own when None), inside a
+        GPU slot; out of device memory, halve the batch and redo the unfinished clips; when that
+        fails at batch size 1, or NVDEC fails, the CPU finishes them."""
         what = f"{job.video_id} ({len(job.clips)} clip(s))"
         if not self.choice.uses_gpu:  # a slot only where run.ray_slot_resource asks for one
             with self.slot(what, job.sink.waiting):
-                return ClipCutter(self.parts).run(job)
+                return ClipCutter(self.parts_for(budget)).run(job)
         # The GPU path only: the CPU path of a core install has no torch to import.
         import torch
 

@@ -1,10 +1,12 @@
 """The CPUs a worker may use, and how its decoder and encoders share them: the one home of every
 thread and lane rule.
 
-A worker process gets its share of this machine's cores (the workers together use each core once);
-a Ray actor gets the CPUs it asked Ray for, whatever the node it lands on has. Either way the rules
-below turn those CPUs into lanes (clips written at once, each by its own libx265 encoder), encoder
-threads and decoder threads. This is the only module that reads the machine's core count.
+On one machine, a run's workers download side by side, but at most `processing_workers` of them
+process at once (daemon.lockslots.ProcessingSlots); the cores are shared by the workers processing,
+not split among all of them, so a worker that downloads leaves its share to those that cut. A Ray
+actor gets the CPUs it asked Ray for, whatever the node it lands on has. Either way the rules below
+turn those CPUs into lanes (clips written at once, each by its own libx265 encoder), encoder threads
+and decoder threads. This is the only module that reads the machine's core count.
 """
 
 from __future__ import annotations
@@ -33,8 +35,18 @@ class CpuBudget:
 
     @classmethod
     def of_process(cls, settings: Settings) -> CpuBudget:
-        """A worker process: its share of this machine's cores."""
-        return cls._with(settings, max(1, machine_cores() // settings.run.workers))
+        """A worker process while every processing slot is busy: its even share of the cores."""
+        return cls._with(settings, max(1, machine_cores() // processing_workers(settings)))
+
+    @classmethod
+    def of_source(cls, settings: Settings, processing_now: int) -> CpuBudget:
+        """A worker process for one source, taken when `processing_now` workers (itself included)
+        hold a processing slot: the cores over those, so that a worker cutting while the others
+        download uses the cores they leave. At most twice the even share: when the others start
+        processing, a source cut on more threads than its share stays until it is done."""
+        cores = machine_cores()
+        even = max(1, cores // processing_workers(settings))
+        return cls._with(settings, max(1, min(cores // max(1, processing_now), 2 * even)))
 
     @classmethod
     def of_ray_actor(cls, settings: Settings) -> CpuBudget:
@@ -74,11 +86,31 @@ class CpuBudget:
         return max(1, self.decoder_threads // lanes)
 
 
+def even_processing_workers(cores: int) -> int:
+    """Workers processing at once when nothing says otherwise: a quarter of the cores, at least 2,
+    so that each writes several clips at once on a big machine and a small one still overlaps two
+    sources' decoding and encoding."""
+    return max(2, cores // 4)
+
+
+def processing_workers(settings: Settings) -> int:
+    """How many of a run's workers process at once on this machine (run.processing_workers; 0:
+    the rule above), never more than there are workers."""
+    wanted = settings.run.processing_workers or even_processing_workers(machine_cores())
+    return max(1, min(settings.run.workers, wanted))
+
+
 def auto_workers(gpu_present: bool, max_gpu_jobs: int) -> int:
-    """Workers for `--workers auto`: enough that downloads overlap processing, and with a GPU one
-    more than its slots, so a worker is always downloading while the others keep the GPU busy.
-    Each worker then writes its share of the cores in clips at once (CpuBudget.lanes)."""
-    workers = max(2, machine_cores() // 4)
+    """Workers for `--workers auto`: two for each processing slot, so that while one cuts a source
+    the other downloads the next (a list of local files starts only as many as process; see
+    `downloading_workers`); with a GPU, at least one more than its slots."""
+    workers = 2 * even_processing_workers(machine_cores())
     if gpu_present:
         workers = max(workers, max_gpu_jobs + 1)
     return min(workers, 256)
+
+
+def downloading_workers(settings: Settings) -> int:
+    """Workers beyond the processing slots only download: they are started only while a URL to
+    download waits (a list of local files needs no more workers than process at once)."""
+    return settings.run.workers - processing_workers(settings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from daemon.budget import processing_workers
 from daemon.config import ConfigError, Settings
 
 
@@ -80,9 +81,13 @@ def loaded_line(
         where = f"built-in defaults (no --config, and no {default_config} in {Path.cwd()})"
     else:
         where = f"config {config.resolve()}"
+    cutting = processing_workers(settings)
+    at_once = ""
+    if settings.run.backend == "local" and cutting < settings.run.workers:
+        at_once = f", {cutting} cutting at once while the others download"
     return (
         f"{where}; stages {', '.join(settings.stages)}; "
-        f"{settings.run.workers} worker(s), each {backend}; output {output_dir}"
+        f"{settings.run.workers} worker(s), each {backend}{at_once}; output {output_dir}"
     )
 
 

@@ -24,6 +24,9 @@ class _Section(BaseModel):
 
 class RunSettings(_Section):
     workers: int = Field(2, ge=1, le=256)
+    # Of those, how many decode, run the stages and encode at once on this machine (the others
+    # download meanwhile); they share the cores. 0: a quarter of the cores, at least 2.
+    processing_workers: int = Field(0, ge=0, le=256)
     start_delay: float = Field(15.0, ge=0)
     device_id: int = Field(0, ge=0)
     log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
@@ -120,7 +123,7 @@ class EncodeSettings(_Section):
     # same frames give the same bytes on every node and on every run.
     deterministic: bool = False
     # Clips a worker encodes at once, each on its own thread (with its share of encode.threads);
-    # 0: the worker's share of the cores (cores / workers), 1: one clip at a time.
+    # 0: the worker's share of the cores (daemon.budget), 1: one clip at a time.
     parallel_clips: int = Field(0, ge=0, le=256)
     nvenc_preset: Literal["p1", "p2", "p3", "p4", "p5", "p6", "p7"] = "p4"
     nvenc_tuning: Literal["hq", "uhq", "ll", "ull", "lossless"] = "hq"
@@ -181,7 +184,7 @@ class DecodeSettings(_Section):
     # this far ahead of the last decoded frame (the decoding a seek must save to be worth it).
     seek_threshold_seconds: float = Field(0.5, ge=0)
     batch_size: int = Field(8, ge=1, le=256)
-    # Threads of a worker's CPU decoding; 0: its share of the cores (cores / workers). Clips cut in
+    # Threads of a worker's CPU decoding; 0: its share of the cores (daemon.budget). Clips cut in
     # parts (a decoder per lane) share them out: one each by default.
     threads: int = Field(0, ge=0)
     # Pictures one decoder may queue for clips written on their own threads (encode.parallel_clips),

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from loguru import logger
 
+from daemon.budget import processing_workers
 from daemon.config import Settings
 from daemon.failures import Failure
 from daemon.folders import RunPaths
@@ -65,6 +66,7 @@ class Fleet:
         self.workers: dict[int, WorkerHandle] = {}
         self.launcher: Launcher | None = None  # started by `open`
         self._started_at = time.monotonic()
+        self._cutting_seen = False  # a worker has begun cutting: the downloaders may start
 
     def open(self) -> None:
         self.launcher = start_launcher(self.settings)
@@ -93,16 +95,27 @@ class Fleet:
             output_dir=str(self.paths.output_dir),
             temp_dir=str(self.paths.worker_temp(index)),
             log_dir=str(self.paths.log_dir),
+            slot_dir=str(self.paths.slot_dir),
         )
         self.workers[index] = WorkerHandle(index, self.launcher.start(index, self.settings, paths))
 
-    def start_due(self, work_waiting: bool) -> None:
+    def start_due(self, work_waiting: bool, downloads_waiting: bool) -> None:
         """Workers whose start is due: staggered, so they do not hit the same site at the same
-        moment; the first at once, the others only while there is work for them."""
+        moment; the first at once, the others only while there is work for them. Local workers
+        beyond the processing slots only ever download while others cut: they start only while a
+        URL to download waits, and once a worker is cutting (until then they would only share the
+        first downloads' bandwidth, and the cores would wait longer for a first source)."""
         elapsed = time.monotonic() - self._started_at
-        for index in range(self.settings.run.workers):
-            due = elapsed >= index * self.settings.run.start_delay
-            if index not in self.workers and due and (work_waiting or index == 0):
+        run = self.settings.run
+        cutters = run.workers if run.backend == "ray" else processing_workers(self.settings)
+        self._cutting_seen = self._cutting_seen or any(h.phase == "process" for h in self.workers.values())
+        for index in range(run.workers):
+            due = elapsed >= index * run.start_delay
+            if index < cutters:
+                wanted = index == 0 or work_waiting
+            else:
+                wanted = work_waiting and downloads_waiting and self._cutting_seen
+            if index not in self.workers and due and wanted:
                 self.start(index)
 
     def wait(self, timeout: float, wake_fds: list[int]) -> None:

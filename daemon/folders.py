@@ -54,6 +54,11 @@ class RunPaths:
         """A worker's own folder for its download, emptied after every URL."""
         return self.temp_root / f"worker-{index}"
 
+    @property
+    def slot_dir(self) -> Path:
+        """The run's processing slots (daemon.lockslots): lock files its workers share."""
+        return self.temp_root / "processing-slots"
+
     def check_writable(self) -> None:
         """Create every folder the run writes to and write a file in each, before any download.
 

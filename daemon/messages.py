@@ -27,6 +27,7 @@ class WorkerPaths:
     output_dir: str
     temp_dir: str  # this worker's own folder, emptied after every URL
     log_dir: str
+    slot_dir: str  # the run's processing slots on this machine (daemon.lockslots)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ touch the ledger.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
@@ -16,19 +17,21 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
 from daemon import logs
-from daemon.budget import CpuBudget
+from daemon.budget import CpuBudget, processing_workers
 from daemon.clips import Clip
 from daemon.config import Settings
 from daemon.cutting import CutJob
 from daemon.diskspace import DiskGate, Floor
 from daemon.download import DownloadFailure, download
 from daemon.failures import Scope, from_exception, permanent
+from daemon.lockslots import ProcessingSlots
 from daemon.messages import (
     Assign,
     ClipFinished,
@@ -115,6 +118,7 @@ class Worker:
         paths: WorkerPaths,
         budget: CpuBudget,
         disk: DiskGate,
+        slots: ProcessingSlots | None = None,
     ) -> None:
         self.index = index
         self.conn = conn
@@ -123,6 +127,7 @@ class Worker:
         self.temp_dir = Path(paths.temp_dir)
         self.stop_requested = False
         self.disk = disk  # its temp folder's free-space floor, checked before each download
+        self.slots = slots  # the run's processing slots on this machine; None: a Ray actor's own CPUs
         output = settings.output
         self.output_format = OutputFormat(output.width, output.height, float(settings.fps))
         # The backends module pulls in the pipeline, which the supervisor importing this never needs.
@@ -166,13 +171,13 @@ class Worker:
                 source = self._fetch(task, reporter)
                 download_seconds = 0.0 if task.local else time.monotonic() - started
                 self._probe(task, source)
-            with logger.contextualize(stage="process"):
+            with logger.contextualize(stage="process"), self._cores(task, reporter) as budget:
                 phase = "process"
                 self._phase(task.url, "process")
                 started = time.monotonic()
                 clips = [Clip(start, end) for start, end in task.clips]
                 job = CutJob(source, task.video_id, clips, self.output_dir, reporter, self._should_stop)
-                outcome = self.backends.cut(job)
+                outcome = self.backends.cut(job, budget)
                 reporter.flush()
                 process_seconds = time.monotonic() - started
             state = "interrupted" if outcome.interrupted else "done"
@@ -192,6 +197,23 @@ class Worker:
         finally:
             self._clear_temp()
         self.conn.send(result)
+
+    @contextlib.contextmanager
+    def _cores(self, task: Task, reporter: _Reporter) -> Iterator[CpuBudget | None]:
+        """A processing slot for the body, and the cores this source is cut on: shared by the
+        workers holding a slot when it was taken. None (the worker's own budget) for a Ray actor
+        and for a worker whose backends are on a GPU, where the GPU's slots say who goes."""
+        if self.slots is None or self.backends.choice.uses_gpu:
+            yield None
+            return
+        what = f"{task.video_id} ({len(task.clips)} clip(s))"
+        with self.slots.hold(what, reporter.waiting, self._should_stop) as processing_now:
+            budget = CpuBudget.of_source(self.settings, processing_now)
+            logger.info(
+                f"cutting on {budget.cpus} core(s) ({processing_now} of {self.slots.count} "
+                "processing slots busy)"
+            )
+            yield budget
 
     def _fetch(self, task: Task, reporter: _Reporter) -> Path:
         """The source on local disk: a local file as it is, a URL downloaded into the temp folder."""
@@ -265,7 +287,12 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def start_worker(
-    index: int, conn: WorkerChannel, settings: Settings, paths: WorkerPaths, budget: CpuBudget
+    index: int,
+    conn: WorkerChannel,
+    settings: Settings,
+    paths: WorkerPaths,
+    budget: CpuBudget,
+    slots: ProcessingSlots | None = None,
 ) -> Worker:
     """What every worker does before it takes a URL, in a process or a Ray actor alike: its log
     file, an empty temp folder (what a dead predecessor with this index left goes first), the
@@ -279,7 +306,7 @@ def start_worker(
     temp.mkdir(parents=True, exist_ok=True)
     service = settings.service
     disk = DiskGate([Floor("temp", temp, service.min_free_temp_mb)], service.disk_check_seconds)
-    return Worker(index, conn, settings, paths, budget, disk)
+    return Worker(index, conn, settings, paths, budget, disk, slots)
 
 
 def worker_main(index: int, conn: WorkerChannel, settings: Settings, paths: WorkerPaths) -> None:
@@ -291,7 +318,9 @@ def worker_main(index: int, conn: WorkerChannel, settings: Settings, paths: Work
     signal.signal(signal.SIGTERM, _terminate)
     _unmap_large_blocks()
     try:
-        worker = start_worker(index, conn, settings, paths, CpuBudget.of_process(settings))
+        # The run's workers on this machine share its processing slots (a folder of lock files).
+        slots = ProcessingSlots(Path(paths.slot_dir), processing_workers(settings))
+        worker = start_worker(index, conn, settings, paths, CpuBudget.of_process(settings), slots)
     except Exception as exc:  # noqa: BLE001 - one line on stderr; the supervisor decides what follows
         print(
             f"download_and_process: worker {index} cannot start: {type(exc).__name__}: {exc}", file=sys.stderr

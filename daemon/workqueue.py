@@ -83,6 +83,11 @@ class WorkQueue:
         return bool(self._ready) or any(self.parked.values())
 
     @property
+    def downloads_ready(self) -> bool:
+        """Whether a URL to download (not a local file) is waiting now."""
+        return any(self.parked.values()) or any(not task.local for task in self._ready)
+
+    @property
     def pending(self) -> bool:
         """Whether any URL is held here, those waiting for a retry delay included."""
         return self.ready or bool(self._later)

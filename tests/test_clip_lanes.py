@@ -111,7 +111,8 @@ def test_with_lanes_no_clip_is_encoded_on_the_decoding_thread_and_encoders_go_wh
 def test_the_lane_budget_is_the_workers_share_of_the_cores() -> None:
     cores = len(__import__("os").sched_getaffinity(0))
     assert CpuBudget.of_process(settings(**{"run.workers": 1})).lanes == cores
-    assert CpuBudget.of_process(settings(**{"run.workers": cores * 2})).lanes == 1
+    many = {"run.workers": cores * 2, "run.processing_workers": cores * 2}
+    assert CpuBudget.of_process(settings(**many)).lanes == 1
     assert CpuBudget.of_process(settings(**{"encode.parallel_clips": 5})).lanes == 5
     single = x265_params(settings().encode, threads=1)
     assert "pools=1" in single and "frame-threads=1" in single
@@ -139,7 +140,7 @@ def test_the_decoder_gets_the_workers_share_of_the_cores_not_ffmpegs_every_core(
     cores = len(__import__("os").sched_getaffinity(0))
     for overrides, expected in (
         ({"run.workers": 1}, cores),
-        ({"run.workers": cores * 2}, 1),
+        ({"run.workers": cores * 2, "run.processing_workers": cores * 2}, 1),
         ({"run.workers": 1, "decode.threads": 3}, 3),
     ):
         parts = cpu_parts(settings(**overrides), [])
@@ -151,8 +152,8 @@ def test_the_decoder_gets_the_workers_share_of_the_cores_not_ffmpegs_every_core(
 def test_workers_auto_is_resolved_once_to_a_number() -> None:
     cores = len(__import__("os").sched_getaffinity(0))
     config = settings(**{"run.workers": "auto", "encode.codec": "cpu"})
-    assert config.run.workers == max(2, cores // 4)
-    assert CpuBudget.of_process(config).lanes == max(1, cores // config.run.workers)
+    assert config.run.workers == 2 * max(2, cores // 4)  # one downloading for each that cuts
+    assert CpuBudget.of_process(config).lanes == max(1, cores // max(2, cores // 4))
 
 
 def test_an_upscale_a_large_source_does_not_need_leaves_the_fast_path_on(tmp_path: Path) -> None:

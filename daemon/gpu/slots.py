@@ -1,15 +1,12 @@
 """GPU slots: at most `max_gpu_jobs` processes use one device at a time, across every worker and run.
 
-A slot is an exclusive `flock` on its own file, `<slot dir>/gpu-<device>-slot-<k>.lock`. The kernel
-drops the lock when the holding process ends for any reason, SIGKILL included, so a dead worker never
-keeps a slot; there is no counter that could leak.
+A slot is an exclusive `flock` on its own file, `<slot dir>/gpu-<device>-slot-<k>.lock`
+(daemon.lockslots): a dead worker never keeps one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loguru import logger
+
+from daemon.lockslots import LockSlots
 
 if TYPE_CHECKING:
     from daemon.config import Settings
@@ -66,25 +65,14 @@ class GpuSlots:
         self.min_free_memory_mb = min_free_memory_mb
         self._free_memory = free_memory
         self._sleep = sleep
-        slot_dir.mkdir(parents=True, exist_ok=True)
+        self.slots = LockSlots(slot_dir, f"gpu-{device_id}-slot", count)
 
     def path(self, index: int) -> Path:
-        return self.slot_dir / f"gpu-{self.device_id}-slot-{index}.lock"
+        return self.slots.path(index)
 
     def try_take(self) -> tuple[int, int] | None:
         """(slot index, open fd holding its lock), or None when every slot is held."""
-        for index in range(self.count):
-            fd = os.open(self.path(index), os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            # Only for people looking at the files: who holds it. The lock is what counts.
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            return index, fd
-        return None
+        return self.slots.try_take()
 
     def _memory_short(self) -> str:
         if self.min_free_memory_mb <= 0:
@@ -123,8 +111,7 @@ class GpuSlots:
         try:
             yield index
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            LockSlots.give_back(fd)
 
 
 def slot_group_name(actor_id: str) -> str:

@@ -1,0 +1,119 @@
+"""Slots held as exclusive `flock`s on files, one file a slot: the GPU's slots and the processing
+slots of a run's workers.
+
+The kernel drops a lock when the holding process ends for any reason, SIGKILL included, so a dead
+worker never keeps a slot; there is no counter that could leak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from loguru import logger
+
+
+class LockSlots:
+    """`count` slots, the files `<folder>/<prefix>-<k>.lock`."""
+
+    def __init__(self, folder: Path, prefix: str, count: int) -> None:
+        self.folder = folder
+        self.prefix = prefix
+        self.count = count
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"{self.prefix}-{index}.lock"
+
+    def _lock(self, index: int) -> int | None:
+        fd = os.open(self.path(index), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def try_take(self) -> tuple[int, int] | None:
+        """(slot index, open fd holding its lock), or None when every slot is held."""
+        for index in range(self.count):
+            fd = self._lock(index)
+            if fd is not None:
+                # Only for people looking at the files: who holds it. The lock is what counts.
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                return index, fd
+        return None
+
+    def busy(self) -> int:
+        """How many slots are held right now (by anyone, this process included)."""
+        held = 0
+        for index in range(self.count):
+            fd = self._lock(index)
+            if fd is None:
+                held += 1
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+        return held
+
+    @staticmethod
+    def give_back(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+class ProcessingSlots:
+    """At most `count` of a run's workers process (decode, run the stages, encode) at once; the
+    others download meanwhile. A worker that has its source waits here for a slot, polling, since
+    a core left idle while a source waits costs more than the polling."""
+
+    POLL_SECONDS = 0.05
+
+    def __init__(self, folder: Path, count: int, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.slots = LockSlots(folder, "processing-slot", count)
+        self._sleep = sleep
+
+    @property
+    def count(self) -> int:
+        return self.slots.count
+
+    @contextlib.contextmanager
+    def hold(
+        self,
+        what: str,
+        on_wait: Callable[[float], None] | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> Iterator[int]:
+        """Holds a slot for the body; yields how many slots were held when it was taken (this one
+        included): the processing workers that share the cores from then on. Tells `on_wait`, about
+        once a second, that the wait is deliberate (the stall watchdog must not take it for one).
+        A stop asked for while waiting ends the wait: the body then runs without a slot, and the
+        cutter, seeing the stop, writes nothing new."""
+        started = time.monotonic()
+        told = 0.0
+        taken = self.slots.try_take()
+        while taken is None and not should_stop():
+            waited = time.monotonic() - started
+            if waited - told >= 1.0 or told == 0.0:
+                if told == 0.0:
+                    logger.debug(f"waiting for a processing slot for {what}: all {self.count} busy")
+                if on_wait is not None:
+                    on_wait(2.0)
+                told = max(waited, 1e-9)
+            self._sleep(self.POLL_SECONDS)
+            taken = self.slots.try_take()
+        waited = time.monotonic() - started
+        if waited >= 1:
+            logger.info(f"got a processing slot for {what} after waiting {waited:.1f}s")
+        if taken is None:
+            yield 1
+            return
+        try:
+            yield self.slots.busy()
+        finally:
+            self.slots.give_back(taken[1])
