@@ -2,7 +2,7 @@
 (issue 25's proof).
 
     python bench/bench_network.py [--small] [--repeats 3] [--bandwidth-mbs auto] [--connections 2]
-                                  [--latency-ms 40] [--loaded] [--png FILE] [--work DIR]
+                                  [--latency-ms 40] [--loaded] [--svg FILE] [--work DIR]
 
 The job (sources generated here and cached in --work): 8 sources of 1280x720 H.264 high profile with
 fresh grain on every frame, 20 to 30 s long at 8 to 12 Mbit/s, a keyframe every 5 s; 4 clips of 90
@@ -23,7 +23,7 @@ The bound is max(total bytes / (per-connection bandwidth x connections), CPU-sec
 processing the same clips from local files (all processes, from the kernel's resource usage) /
 cores). Every figure is printed as seconds, ours also as a fraction of the bound (bound / wall).
 The per-worker timeline of the last run of each `ours` side (downloading and processing, from the
-worker logs' timestamps) is printed as text, and drawn into `--png` when matplotlib is installed.
+worker logs' timestamps) is printed as text, and drawn into `--svg FILE` as a picture.
 `--loaded` runs a CPU hog pinned to core 0 (`taskset -c 0 python -c 'while True: pass'`) during
 every measured run (not during the CPU-seconds measurement).
 """
@@ -314,30 +314,42 @@ def timeline_text(label: str, intervals: list[Interval], wall: float, cores: int
 
 
 def draw_timelines(path: Path, timelines: list[tuple[str, list[Interval], float]]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"(matplotlib is not installed: no picture drawn at {path}; the text timelines above are all)")
-        return
-    figure, axes = plt.subplots(
-        len(timelines), 1, figsize=(12, 1.2 + 0.5 * 4 * len(timelines)), squeeze=False
-    )
-    for axis, (label, intervals, wall) in zip(axes[:, 0], timelines, strict=True):
+    """The timelines as an SVG picture (no plotting library needed): a band per side, a row per
+    worker, downloading in blue and cutting in orange, on one time axis in seconds."""
+    left, right, row_px, gap_px, scale_px = 90, 20, 18, 40, 14.0
+    longest = max(wall for _, _, wall in timelines)
+    width = int(left + right + longest * scale_px)
+    parts: list[str] = []
+    y = 10
+    for label, intervals, wall in timelines:
         workers = sorted({i.worker for i in intervals})
+        parts.append(f'<text x="4" y="{y + 12}" font-weight="bold">{label}: {wall:.1f} s wall</text>')
+        y += 20
         for row, worker in enumerate(workers):
+            top = y + row * row_px
+            parts.append(f'<text x="4" y="{top + 13}">{worker}</text>')
             for i in (i for i in intervals if i.worker == worker):
-                colour = "tab:blue" if i.kind == "download" else "tab:orange"
-                axis.barh(row, i.end - i.start, left=i.start, color=colour, edgecolor="white")
-        axis.set_yticks(range(len(workers)), workers)
-        axis.set_xlim(0, wall)
-        axis.set_title(f"{label}: downloading (blue), processing (orange); {wall:.1f} s wall")
-    axes[-1, 0].set_xlabel("seconds since start")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    print(f"timeline drawn into {path}")
+                colour = "#1f77b4" if i.kind == "download" else "#ff7f0e"
+                parts.append(
+                    f'<rect x="{left + i.start * scale_px:.1f}" y="{top}" height="{row_px - 3}" '
+                    f'width="{max(0.5, (i.end - i.start) * scale_px):.1f}" fill="{colour}">'
+                    f"<title>{worker} {i.kind} {i.video_id} {i.start:.1f}-{i.end:.1f} s</title></rect>"
+                )
+        y += len(workers) * row_px
+        for second in range(0, int(wall) + 1, 5):
+            x = left + second * scale_px
+            parts.append(f'<line x1="{x}" x2="{x}" y1="{y}" y2="{y + 4}" stroke="black"/>')
+            parts.append(f'<text x="{x - 6}" y="{y + 16}" font-size="10">{second}</text>')
+        y += gap_px
+    legend = (
+        f'<text x="4" y="{y}"><tspan fill="#1f77b4">■ downloading</tspan> '
+        '<tspan fill="#ff7f0e">■ cutting</tspan> (seconds since the run started)</text>'
+    )
+    path.write_text(
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y + 10}" '
+        f'font-family="sans-serif" font-size="12">\n' + "\n".join([*parts, legend]) + "\n</svg>\n"
+    )
+    print(f"timelines drawn into {path}")
 
 
 def main() -> int:
@@ -355,7 +367,7 @@ def main() -> int:
     parser.add_argument("--latency-ms", type=float, default=40.0, help="delay before every response")
     parser.add_argument("--workers", nargs="+", default=["auto", "2", "3"], help="ours' worker counts")
     parser.add_argument("--loaded", action="store_true", help="a CPU hog on core 0 during every measured run")
-    parser.add_argument("--png", type=Path, help="draw the timelines here (when matplotlib is installed)")
+    parser.add_argument("--svg", type=Path, help="draw the timelines into this SVG file")
     parser.add_argument(
         "--work", type=Path, default=Path(tempfile.gettempdir()) / "dap-bench-network",
         help="sources are cached here; each run works in a fresh folder under it",
@@ -456,8 +468,8 @@ def main() -> int:
         last = side.samples[-1]
         print("\n" + timeline_text(side.label, last.timeline, last.wall, cores, args.connections))
         timelines.append((side.label, last.timeline, last.wall))
-    if args.png:
-        draw_timelines(args.png, timelines)
+    if args.svg:
+        draw_timelines(args.svg, timelines)
     print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"bench took {time.monotonic() - began:.0f} s")
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -118,7 +118,7 @@ def daemon_command(
     out: Path,
     temp: Path,
     config: Path,
-    workers: int,
+    workers: int | str,
     python: str = sys.executable,
 ) -> list[str]:
     """The one-shot CLI; run it with PYTHONPATH=ROOT so that it is this checkout's code that runs."""

@@ -1,7 +1,7 @@
 """Throughput per job shape, ours next to a shell loop over ffmpeg, in one run (issue 10's proof).
 
     python bench/bench_throughput.py [--jobs one-url list-2-workers 1080p-short-clips] [--repeats 3]
-                                     [--work DIR]
+                                     [--no-auto] [--work DIR]
 
 Job shapes (sources generated here and cached in --work):
   one-url            one 60 s 1280x720 H.264 source, 6 clips x 150 frames -> 640x360; ours --workers 1
@@ -13,7 +13,8 @@ Job shapes (sources generated here and cached in --work):
 
 Ours is the real CLI (`python -m daemon`) of the checkout this file lives in, with a resize-only,
 ultrafast, CPU-encoding config; the peer gets the same x265 rate control (`x265_params`). Each
-repetition alternates ours and the peer(s), each in a fresh output folder; tables give the medians.
+repetition alternates ours, ours with `--workers auto` (left out with --no-auto) and the peer(s),
+each in a fresh output folder; tables give the medians, and auto's speed over the job's fixed count.
 Frames per second = frames written / wall seconds; both sides' outputs are counted and must agree.
 Also printed: the encode-only bound (libx265 on raw 640x360 frames in memory), our start-up time
 (a 3-frame job) and the peak RSS of the largest process of each side.
@@ -252,11 +253,14 @@ class Runner:
         urls.write_text("".join(f"{source.resolve()}\n" for source, _ in job.sources))
         return urls, clip_dir
 
-    def ours(self, job: Job) -> Sample:
+    def ours(self, job: Job, workers: int | str | None = None) -> Sample:
+        """Ours on the job, with the job's worker count or `workers` ("auto" included)."""
         urls, clip_dir = self.inputs(job)
         folder = self.fresh(f"{job.name}-ours")
         out = folder / "out"
         command = daemon_command(urls, clip_dir, out, folder / "temp", self.config, job.workers)
+        if workers is not None:
+            command[command.index("--workers") + 1] = str(workers)
         wall, rss = run_measured(command, self.env, folder / "log.txt")
         frames = count_frames(sorted(out.glob("*/*.hevc")))
         with sqlite3.connect(out / "ledger.sqlite") as db:
@@ -363,11 +367,16 @@ def machine() -> str:
     )
 
 
-def print_job(job: Job, ours: Side, peers: list[Side]) -> None:
+def print_job(job: Job, ours: Side, peers: list[Side], auto: Side | None = None) -> None:
     print(f"\n{job.name}: {job.title}")
     rows = [
         (f"{job.name} vs {peer.label}", ours.fps(), peer.fps(), ours.fps() / peer.fps()) for peer in peers
     ]
+    if auto is not None:
+        rows += [
+            (f"{job.name} --workers auto vs {peer.label}", auto.fps(), peer.fps(), auto.fps() / peer.fps())
+            for peer in peers
+        ]
     width = max(len(r[0]) for r in rows)
     print(f"{'job':<{width}} | ours fps | peer fps | ratio")
     for name, mine, theirs, ratio in rows:
@@ -375,9 +384,11 @@ def print_job(job: Job, ours: Side, peers: list[Side]) -> None:
     frames = {s.frames for side in (ours, *peers) for s in side.samples}
     check = "same on both sides" if frames == {job.frames} else f"MISMATCH {sorted(frames)} vs {job.frames}"
     print(f"  frames written: {job.frames} per run, {check}")
-    for side in (ours, *peers):
+    for side in (ours, *peers, *([auto] if auto else [])):
         rss = max(s.rss_mb for s in side.samples)
         print(f"  {side.label:<18} wall s {side.walls():<20} peak RSS {rss:5.0f} MB (largest process)")
+    if auto is not None:
+        print(f"  --workers auto / --workers {job.workers}: {auto.fps() / ours.fps():.3f}")
 
 
 def main() -> int:
@@ -386,6 +397,9 @@ def main() -> int:
     )
     parser.add_argument("--jobs", nargs="+", choices=JOBS, default=list(JOBS))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--no-auto", action="store_true", help="leave out the side of ours with --workers auto"
+    )
     parser.add_argument(
         "--work", type=Path, default=Path(tempfile.gettempdir()) / "dap-bench-throughput",
         help="sources are cached here; each run works in a fresh folder under it",
@@ -401,13 +415,17 @@ def main() -> int:
     mismatch = False
     for job in jobs:
         ours = Side("ours")
+        auto = None if args.no_auto else Side("ours auto")
         peers = [Side(label) for label, _ in job.peers]
-        for _ in range(args.repeats):  # alternating, so that a noisy neighbour hits both sides alike
+        for _ in range(args.repeats):  # alternating, so that a noisy neighbour hits every side alike
             ours.samples.append(runner.ours(job))
+            if auto is not None:
+                auto.samples.append(runner.ours(job, "auto"))
             for side, (_, at_a_time) in zip(peers, job.peers, strict=True):
                 side.samples.append(runner.peer(job, at_a_time))
-        print_job(job, ours, peers)
-        mismatch |= any(s.frames != job.frames for side in (ours, *peers) for s in side.samples)
+        print_job(job, ours, peers, auto)
+        sides = (ours, *peers, *([auto] if auto else []))
+        mismatch |= any(s.frames != job.frames for side in sides for s in side.samples)
 
     first = make_source(args.work / "sources" / "hd0.mp4", 60, 1280, 720, seed=0)
     frames = bound_frames(first, BOUND_FRAMES)

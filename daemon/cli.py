@@ -43,7 +43,10 @@ def _stages(text: str) -> list[str]:
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="settings file (default: ./config.toml if present)")
     parser.add_argument(
-        "--workers", "-w", type=_workers, help="worker processes, or 'auto' from cores and GPU (default 2)"
+        "--workers",
+        "-w",
+        type=_workers,
+        help="worker processes, or 'auto': 2 per processing slot (default 2)",
     )
     parser.add_argument("--start-delay", "-d", type=float, help="seconds between worker starts (default 15)")
     parser.add_argument("--width", type=int, help="output width (default 1280)")

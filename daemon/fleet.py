@@ -99,24 +99,27 @@ class Fleet:
         )
         self.workers[index] = WorkerHandle(index, self.launcher.start(index, self.settings, paths))
 
-    def start_due(self, work_waiting: bool, downloads_waiting: bool) -> None:
+    def start_due(self, waiting: int, downloads_waiting: bool) -> None:
         """Workers whose start is due: staggered, so they do not hit the same site at the same
-        moment; the first at once, the others only while there is work for them. Local workers
-        beyond the processing slots only ever download while others cut: they start only while a
-        URL to download waits, and once a worker is cutting (until then they would only share the
-        first downloads' bandwidth, and the cores would wait longer for a first source)."""
+        moment; the first at once, the others only for URLs no worker already started will take
+        (`waiting`: URLs ready now). Local workers beyond the processing slots only ever download
+        while others cut: they start only while a URL to download waits, and once a worker is
+        cutting (until then they would only share the first downloads' bandwidth, and the cores
+        would wait longer for a first source)."""
         elapsed = time.monotonic() - self._started_at
         run = self.settings.run
         cutters = run.workers if run.backend == "ray" else processing_workers(self.settings)
         self._cutting_seen = self._cutting_seen or any(h.phase == "process" for h in self.workers.values())
+        free = sum(1 for handle in self.workers.values() if handle.task is None)  # starting or idle
         for index in range(run.workers):
-            due = elapsed >= index * run.start_delay
-            if index < cutters:
-                wanted = index == 0 or work_waiting
-            else:
-                wanted = work_waiting and downloads_waiting and self._cutting_seen
-            if index not in self.workers and due and wanted:
+            if index in self.workers or elapsed < index * run.start_delay:
+                continue
+            wanted = index == 0 or waiting > free
+            if index >= cutters:
+                wanted = wanted and downloads_waiting and self._cutting_seen
+            if wanted:
                 self.start(index)
+                free += 1
 
     def wait(self, timeout: float, wake_fds: list[int]) -> None:
         """Until a worker says something, a wake descriptor is ready, or `timeout` seconds."""

@@ -196,7 +196,7 @@ class Supervisor:
         self.on_event(UrlQueued(source.url))
         # The first worker starts (a few seconds of imports) while the rest of the list is read.
         if not self.draining:
-            self.fleet.start_due(self.queue.ready, self.queue.downloads_ready)
+            self.fleet.start_due(self.queue.ready_count, self.queue.downloads_ready)
         return "queued"
 
     # --- workers ------------------------------------------------------------------------------
@@ -399,7 +399,7 @@ class Supervisor:
                 self._stop_all_workers(force=True)
                 return
         else:
-            self.fleet.start_due(self.queue.ready, self.queue.downloads_ready)
+            self.fleet.start_due(self.queue.ready_count, self.queue.downloads_ready)
         for handle in self.fleet:
             if handle.idle and self.queue.ready and not self.draining:
                 self._assign(handle)

@@ -83,6 +83,11 @@ class WorkQueue:
         return bool(self._ready) or any(self.parked.values())
 
     @property
+    def ready_count(self) -> int:
+        """URLs waiting now (not for a retry delay)."""
+        return len(self._ready) + sum(len(tasks) for tasks in self.parked.values())
+
+    @property
     def downloads_ready(self) -> bool:
         """Whether a URL to download (not a local file) is waiting now."""
         return any(self.parked.values()) or any(not task.local for task in self._ready)

@@ -69,6 +69,7 @@ LAYERS: list[set[str]] = [
         "daemon.folders",
         "daemon.config",
         "daemon.budget",
+        "daemon.lockslots",
         "daemon.partfile",
         "daemon.ledger",
         "daemon.ledger_view",

@@ -109,6 +109,10 @@ def test_a_stop_ends_the_wait_for_a_slot(tmp_path: Path) -> None:
         first.wait()
 
 
+def stamp(text: str) -> float:
+    return datetime.strptime(text.strip(), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+
+
 def process_intervals(log_dir: Path) -> list[tuple[float, float, str]]:
     """(start, end, worker) of each source's cutting: from its `cutting on` line to its last line."""
     intervals = []
@@ -119,7 +123,7 @@ def process_intervals(log_dir: Path) -> list[tuple[float, float, str]]:
             fields = [part.strip() for part in line.split(" | ", 5)]
             if len(fields) < 6 or fields[4] != "process":
                 continue
-            when = datetime.strptime(fields[0], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+            when = stamp(fields[0])
             if fields[5].startswith("cutting on "):
                 start[fields[3]] = when
             end[fields[3]] = when
@@ -149,6 +153,11 @@ def test_workers_beyond_the_processing_slots_download_while_one_cuts_at_a_time(
         assert end <= start, intervals  # one source cut at a time: the slot was held throughout
     logs = "".join(path.read_text() for path in (workspace["out"] / "logs").glob("worker-*.log"))
     assert f"cutting on {CORES} core(s) (1 of 1 processing slots busy)" in logs
+    # The downloaders started once the first worker was cutting, not with it.
+    first_cut = min(start for start, _, _ in intervals)
+    for name in ("worker-1.log", "worker-2.log"):
+        first_line = (workspace["out"] / "logs" / name).read_text().splitlines()[0]
+        assert stamp(first_line.split(" | ")[0]) >= first_cut, first_line
     assert not list(workspace["temp"].glob("*/worker-*/*"))  # every source deleted
 
 
