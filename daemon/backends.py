@@ -168,7 +168,7 @@ class Backends:
     ) -> None:
         self.settings = settings
         self.choice = choice
-        self.budget = budget or CpuBudget.of_process(settings)
+        self.budget = budget or CpuBudget.of_process(settings, choice.uses_gpu)
         # A device name, not a torch.device: torch is imported only by what computes on tensors.
         self.device = choice.device
         self.slots = choose_slots(settings, choice)

@@ -34,9 +34,12 @@ class CpuBudget:
     threads_per_decoder: int = 0  # decode.threads
 
     @classmethod
-    def of_process(cls, settings: Settings) -> CpuBudget:
-        """A worker process while every processing slot is busy: its even share of the cores."""
-        return cls._with(settings, max(1, machine_cores() // processing_workers(settings)))
+    def of_process(cls, settings: Settings, uses_gpu: bool = False) -> CpuBudget:
+        """A worker process. On the CPU path, its even share among the workers cutting at once
+        (every processing slot busy); with its work on a GPU, where every worker may hold a GPU
+        slot and none waits for a processing slot, the cores over all the workers."""
+        sharing = settings.run.workers if uses_gpu else processing_workers(settings)
+        return cls._with(settings, max(1, machine_cores() // sharing))
 
     @classmethod
     def of_source(cls, settings: Settings, processing_now: int) -> CpuBudget:

@@ -83,7 +83,7 @@ def loaded_line(
         where = f"config {config.resolve()}"
     cutting = processing_workers(settings)
     at_once = ""
-    if settings.run.backend == "local" and cutting < settings.run.workers:
+    if settings.run.backend == "local" and not backend.startswith("gpu") and cutting < settings.run.workers:
         at_once = f", {cutting} cutting at once while the others download"
     return (
         f"{where}; stages {', '.join(settings.stages)}; "

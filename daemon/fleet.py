@@ -15,6 +15,7 @@ from daemon.budget import processing_workers
 from daemon.config import Settings
 from daemon.failures import Failure
 from daemon.folders import RunPaths
+from daemon.gpu.driver import driver_problem
 from daemon.links import Launcher, ProcessLauncher, WorkerLink
 from daemon.messages import FromWorker, Stop, Task, WorkerPaths
 
@@ -67,6 +68,12 @@ class Fleet:
         self.launcher: Launcher | None = None  # started by `open`
         self._started_at = time.monotonic()
         self._cutting_seen = False  # a worker has begun cutting: the downloaders may start
+        # Workers wait for processing slots only on the CPU path of local workers; on a GPU the
+        # GPU's slots say who goes, and a Ray actor has the CPUs it asked for.
+        on_gpu = settings.encode.codec != "cpu" and not driver_problem()
+        self.cutters = (
+            settings.run.workers if settings.run.backend == "ray" or on_gpu else processing_workers(settings)
+        )
 
     def open(self) -> None:
         self.launcher = start_launcher(self.settings)
@@ -108,18 +115,20 @@ class Fleet:
         would wait longer for a first source)."""
         elapsed = time.monotonic() - self._started_at
         run = self.settings.run
-        cutters = run.workers if run.backend == "ray" else processing_workers(self.settings)
-        self._cutting_seen = self._cutting_seen or any(h.phase == "process" for h in self.workers.values())
         free = sum(1 for handle in self.workers.values() if handle.task is None)  # starting or idle
         for index in range(run.workers):
             if index in self.workers or elapsed < index * run.start_delay:
                 continue
             wanted = index == 0 or waiting > free
-            if index >= cutters:
+            if index >= self.cutters:
                 wanted = wanted and downloads_waiting and self._cutting_seen
             if wanted:
                 self.start(index)
                 free += 1
+
+    def cutting_began(self) -> None:
+        """A worker said it is cutting: from now on the workers that only download may start."""
+        self._cutting_seen = True
 
     def wait(self, timeout: float, wake_fds: list[int]) -> None:
         """Until a worker says something, a wake descriptor is ready, or `timeout` seconds."""

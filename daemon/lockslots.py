@@ -43,9 +43,11 @@ class LockSlots:
         for index in range(self.count):
             fd = self._lock(index)
             if fd is not None:
-                # Only for people looking at the files: who holds it. The lock is what counts.
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
+                # Only for people looking at the files: who holds it. The lock is what counts, so a
+                # write that fails (a full disk) must not keep the lock from being handed back.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()}\n".encode())
                 return index, fd
         return None
 
@@ -88,31 +90,35 @@ class ProcessingSlots:
         what: str,
         on_wait: Callable[[float], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
-    ) -> Iterator[int]:
+    ) -> Iterator[int | None]:
         """Holds a slot for the body; yields how many slots were held when it was taken (this one
         included): the processing workers that share the cores from then on. Tells `on_wait`, about
-        once a second, that the wait is deliberate (the stall watchdog must not take it for one).
-        A stop asked for while waiting ends the wait: the body then runs without a slot, and the
-        cutter, seeing the stop, writes nothing new."""
+        once a second, that the wait is deliberate (the stall watchdog must not take it for one),
+        and says in the log, once a minute, that it still waits. A stop asked for while waiting
+        ends the wait without a slot: the body gets None and must cut nothing."""
         started = time.monotonic()
-        told = 0.0
+        told = said = 0.0
         taken = self.slots.try_take()
         while taken is None and not should_stop():
             waited = time.monotonic() - started
             if waited - told >= 1.0 or told == 0.0:
-                if told == 0.0:
-                    logger.debug(f"waiting for a processing slot for {what}: all {self.count} busy")
                 if on_wait is not None:
                     on_wait(2.0)
                 told = max(waited, 1e-9)
+            if waited - said >= 60.0:
+                said = waited
+                logger.info(
+                    f"waiting for a processing slot for {what}: all {self.count} busy for {waited:.0f}s"
+                )
             self._sleep(self.POLL_SECONDS)
             taken = self.slots.try_take()
         waited = time.monotonic() - started
+        if taken is None:
+            logger.info(f"stopped while waiting {waited:.1f}s for a processing slot for {what}")
+            yield None
+            return
         if waited >= 1:
             logger.info(f"got a processing slot for {what} after waiting {waited:.1f}s")
-        if taken is None:
-            yield 1
-            return
         try:
             yield self.slots.busy()
         finally:

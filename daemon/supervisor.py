@@ -232,6 +232,8 @@ class Supervisor:
                 self._assign(handle)
             case PhaseChanged(url=url, phase=phase):
                 handle.phase = phase
+                if phase == "process":
+                    self.fleet.cutting_began()
                 self.ledger.set_phase(url, phase)
                 self.on_event(WorkerPhase(handle.index, url, phase))
             case FramesEncoded(count=count):

@@ -18,6 +18,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from daemon import logs
 from daemon.budget import CpuBudget, processing_workers
 from daemon.clips import Clip
 from daemon.config import Settings
-from daemon.cutting import CutJob
+from daemon.cutting import CutJob, VideoOutcome
 from daemon.diskspace import DiskGate, Floor
 from daemon.download import DownloadFailure, download
 from daemon.failures import Scope, from_exception, permanent
@@ -52,6 +53,15 @@ from daemon.source import SourceError, probe
 
 # Heartbeats go to the supervisor at most this often; its watchdog waits minutes, not seconds.
 HEARTBEAT_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Cores:
+    """What a source is cut on: `budget` (None: the worker's own), or nothing at all when a stop
+    came while the worker waited for its turn (`stopped`)."""
+
+    budget: CpuBudget | None
+    stopped: bool = False
 
 
 class _Reporter:
@@ -116,7 +126,7 @@ class Worker:
         conn: WorkerChannel,
         settings: Settings,
         paths: WorkerPaths,
-        budget: CpuBudget,
+        budget: CpuBudget | None,
         disk: DiskGate,
         slots: ProcessingSlots | None = None,
     ) -> None:
@@ -171,15 +181,18 @@ class Worker:
                 source = self._fetch(task, reporter)
                 download_seconds = 0.0 if task.local else time.monotonic() - started
                 self._probe(task, source)
-            with logger.contextualize(stage="process"), self._cores(task, reporter) as budget:
-                phase = "process"
-                self._phase(task.url, "process")
-                started = time.monotonic()
-                clips = [Clip(start, end) for start, end in task.clips]
-                job = CutJob(source, task.video_id, clips, self.output_dir, reporter, self._should_stop)
-                outcome = self.backends.cut(job, budget)
-                reporter.flush()
-                process_seconds = time.monotonic() - started
+            with logger.contextualize(stage="process"), self._cores(task, reporter) as cores:
+                if cores.stopped:  # stopped while waiting its turn: every clip stays pending
+                    outcome = VideoOutcome(results=[], interrupted=True)
+                else:
+                    phase = "process"
+                    self._phase(task.url, "process")
+                    started = time.monotonic()
+                    clips = [Clip(start, end) for start, end in task.clips]
+                    job = CutJob(source, task.video_id, clips, self.output_dir, reporter, self._should_stop)
+                    outcome = self.backends.cut(job, cores.budget)
+                    reporter.flush()
+                    process_seconds = time.monotonic() - started
             state = "interrupted" if outcome.interrupted else "done"
             result = UrlFinished(task.url, state, None, download_seconds, process_seconds)
         except DownloadFailure as exc:
@@ -199,21 +212,24 @@ class Worker:
         self.conn.send(result)
 
     @contextlib.contextmanager
-    def _cores(self, task: Task, reporter: _Reporter) -> Iterator[CpuBudget | None]:
+    def _cores(self, task: Task, reporter: _Reporter) -> Iterator[Cores]:
         """A processing slot for the body, and the cores this source is cut on: shared by the
         workers holding a slot when it was taken. None (the worker's own budget) for a Ray actor
         and for a worker whose backends are on a GPU, where the GPU's slots say who goes."""
         if self.slots is None or self.backends.choice.uses_gpu:
-            yield None
+            yield Cores(None)
             return
         what = f"{task.video_id} ({len(task.clips)} clip(s))"
         with self.slots.hold(what, reporter.waiting, self._should_stop) as processing_now:
+            if processing_now is None:
+                yield Cores(None, stopped=True)
+                return
             budget = CpuBudget.of_source(self.settings, processing_now)
             logger.info(
                 f"cutting on {budget.cpus} core(s) ({processing_now} of {self.slots.count} "
                 "processing slots busy)"
             )
-            yield budget
+            yield Cores(budget)
 
     def _fetch(self, task: Task, reporter: _Reporter) -> Path:
         """The source on local disk: a local file as it is, a URL downloaded into the temp folder."""
@@ -291,7 +307,7 @@ def start_worker(
     conn: WorkerChannel,
     settings: Settings,
     paths: WorkerPaths,
-    budget: CpuBudget,
+    budget: CpuBudget | None,
     slots: ProcessingSlots | None = None,
 ) -> Worker:
     """What every worker does before it takes a URL, in a process or a Ray actor alike: its log
@@ -320,7 +336,8 @@ def worker_main(index: int, conn: WorkerChannel, settings: Settings, paths: Work
     try:
         # The run's workers on this machine share its processing slots (a folder of lock files).
         slots = ProcessingSlots(Path(paths.slot_dir), processing_workers(settings))
-        worker = start_worker(index, conn, settings, paths, CpuBudget.of_process(settings), slots)
+        # Its CPU budget follows from where its backends run (CpuBudget.of_process, after the probe).
+        worker = start_worker(index, conn, settings, paths, None, slots)
     except Exception as exc:  # noqa: BLE001 - one line on stderr; the supervisor decides what follows
         print(
             f"download_and_process: worker {index} cannot start: {type(exc).__name__}: {exc}", file=sys.stderr

@@ -22,6 +22,7 @@ class WorkQueue:
         self.sites = sites
         self._ready: deque[Task] = deque()
         self._urls: set[str] = set()  # every URL held here, for duplicate checks in constant time
+        self._ready_downloads = 0  # tasks in _ready that are URLs to download, not local files
         # URLs to try again after a transient failure: (when, order, task), soonest first.
         self._later: list[tuple[float, int, Task]] = []
         self._order = itertools.count()
@@ -35,6 +36,7 @@ class WorkQueue:
             self._ready.appendleft(task)
         else:
             self._ready.append(task)
+        self._ready_downloads += not task.local
 
     def later(self, task: Task, delay_seconds: float) -> None:
         self._urls.add(task.url)
@@ -45,6 +47,7 @@ class WorkQueue:
         while self._later and self._later[0][0] <= now:
             _, _, task = heapq.heappop(self._later)
             self._ready.append(task)
+            self._ready_downloads += not task.local
 
     def take(self, now: float) -> Task | None:
         """The next URL a worker may start: the oldest one whose site is neither paused (but for
@@ -65,6 +68,7 @@ class WorkQueue:
                 return task
         while self._ready:
             task = self._ready.popleft()
+            self._ready_downloads -= not task.local
             site = task_site(task)
             if site in self.parked:  # behind the site's earlier URLs
                 self.parked[site].append(task)
@@ -90,7 +94,7 @@ class WorkQueue:
     @property
     def downloads_ready(self) -> bool:
         """Whether a URL to download (not a local file) is waiting now."""
-        return any(self.parked.values()) or any(not task.local for task in self._ready)
+        return self._ready_downloads > 0 or any(self.parked.values())
 
     @property
     def pending(self) -> bool:

@@ -20,6 +20,7 @@ class Route:
     fail_gets: tuple[int, ...] = ()  # answer these GETs (1-based) with `fail_status` too
     drop_gets: tuple[int, ...] = ()  # cut the connection a third of the way into these GETs (1-based)
     stall_gets: tuple[int, ...] = ()  # send half the body of these GETs, then nothing until shutdown
+    delay_seconds: float = 0.0  # wait this long before the body of every GET (a slow download)
     gets: int = 0
     requests: list[str] = field(default_factory=list)
 
@@ -109,6 +110,8 @@ class MediaServer:
                 self.end_headers()
                 if head:
                     return
+                if route.delay_seconds:
+                    server.closing.wait(route.delay_seconds)
                 if attempt in route.stall_gets:
                     self.wfile.write(body[start : start + (len(body) - start) // 2])
                     self.wfile.flush()

@@ -15,6 +15,9 @@ from pathlib import Path
 from daemon.budget import CpuBudget, auto_workers, downloading_workers, processing_workers
 from daemon.config import load_settings
 from daemon.lockslots import ProcessingSlots
+from daemon.messages import Task
+from daemon.sites import SiteBreakers
+from daemon.workqueue import WorkQueue
 
 from conftest import FAST_CONFIG, ROOT, run_cli, wait_for
 from media import decoded_indices, make_video
@@ -26,6 +29,9 @@ HOLDER = """
 import sys, time
 from pathlib import Path
 from daemon.lockslots import ProcessingSlots
+from daemon.messages import Task
+from daemon.sites import SiteBreakers
+from daemon.workqueue import WorkQueue
 slots = ProcessingSlots(Path(sys.argv[1]), int(sys.argv[2]))
 with slots.hold("test") as busy:
     print(busy, flush=True)
@@ -101,8 +107,8 @@ def test_a_stop_ends_the_wait_for_a_slot(tmp_path: Path) -> None:
     try:
         asked = time.monotonic() + 0.5
         started = time.monotonic()
-        with ProcessingSlots(tmp_path, 1).hold("ours", should_stop=lambda: time.monotonic() > asked):
-            pass
+        with ProcessingSlots(tmp_path, 1).hold("ours", should_stop=lambda: time.monotonic() > asked) as busy:
+            assert busy is None  # no slot: the body must cut nothing
         assert time.monotonic() - started < 5
     finally:
         first.kill()
@@ -138,7 +144,8 @@ def test_workers_beyond_the_processing_slots_download_while_one_cuts_at_a_time(
     urls = []
     for index in range(6):
         video = make_video(workspace["media"] / f"v{index}.mp4", frames=240, width=320, height=180)
-        urls.append(server.add(f"v{index}.mp4", video))
+        # Downloads slower than cuts, so that a lone worker could not take the whole list.
+        urls.append(server.add(f"v{index}.mp4", video, delay_seconds=0.5))
         (workspace["clips"] / f"v{index}.txt").write_text("0 60\n90 150\n180 240\n")
     workspace["urls"].write_text("".join(f"{url}\n" for url in urls))
     done = run_cli(workspace, "--workers", "3")
@@ -171,3 +178,19 @@ def test_a_list_of_local_files_starts_only_the_workers_that_cut(workspace: dict[
     assert done.returncode == 0, done.stderr
     wait_for("the outputs", lambda: len(list(workspace["out"].glob("*/*.hevc"))) == 3, 5)
     assert [path.name for path in (workspace["out"] / "logs").glob("worker-*.log")] == ["worker-0.log"]
+
+
+def test_the_queue_knows_whether_a_download_waits_without_scanning_it() -> None:
+    queue = WorkQueue(SiteBreakers(load_settings(None).download))
+    local = Task("/data/a.mp4", "a", ((0, 30),), local=True)
+    remote = Task("http://127.0.0.1:9/b.mp4", "b", ((0, 30),), local=False)
+    queue.add(local)
+    assert queue.ready_count == 1 and not queue.downloads_ready
+    queue.add(remote)
+    assert queue.ready_count == 2 and queue.downloads_ready
+    assert queue.take(time.monotonic()) == local and queue.downloads_ready
+    assert queue.take(time.monotonic()) == remote and not queue.downloads_ready
+    queue.later(remote, 0)
+    assert not queue.downloads_ready  # waiting for its retry delay, not ready
+    queue.release_due(time.monotonic() + 1)
+    assert queue.downloads_ready and queue.ready_count == 1
