@@ -34,7 +34,6 @@ import argparse
 import os
 import shlex
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,17 @@ from pathlib import Path
 import av
 import numpy as np
 from bench_pipeline import OUT_H, OUT_W, ROOT, daemon_command, ffmpeg_clip_command, write_config
-from bench_throughput import FFMPEG, FPS, PRESET, count_frames, machine, make_grain_source, scattered_clips
+from bench_throughput import (
+    FFMPEG,
+    FPS,
+    PRESET,
+    checked_frames,
+    count_frames,
+    fresh_folder,
+    machine,
+    make_grain_source,
+    scattered_clips,
+)
 from cdn_server import CdnServer
 
 from daemon.config import auto_workers, load_settings
@@ -181,10 +190,7 @@ class Runner:
 
     def fresh(self, name: str) -> Path:
         self.count += 1
-        folder = self.work / f"{self.count:03d}-{name}"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        return folder
+        return fresh_folder(self.work, self.count, name)
 
     def hog(self) -> subprocess.Popen[bytes] | None:
         if not self.loaded:
@@ -204,22 +210,14 @@ class Runner:
 
     def ours(self, workers: str, urls: list[str], server: CdnServer | None, load: bool = True) -> Sample:
         folder = self.fresh(f"ours-{workers}" + ("-local" if server is None else ""))
-        (folder / "urls.txt").write_text("".join(f"{url}\n" for url in urls))
+        url_list = folder / "urls.txt"
+        url_list.write_text("".join(f"{url}\n" for url in urls))
         out = folder / "out"
-        command = daemon_command(folder / "urls.txt", self.clip_dir, out, folder / "temp", self.config, 1)
-        command[command.index("--workers") + 1] = workers
+        command = daemon_command(url_list, self.clip_dir, out, folder / "temp", self.config, workers)
         served = server.bytes_served if server else 0
         began = time.time()
         wall, cpu = self.measured(command, self.env, folder / "log.txt", load)
-        frames = count_frames(sorted(out.glob("*/*.hevc")))
-        with sqlite3.connect(out / "ledger.sqlite") as db:
-            (ledger,) = db.execute(
-                "SELECT COALESCE(SUM(frames), 0) FROM clips WHERE state = 'done'"
-            ).fetchone()
-        if ledger != frames:
-            raise SystemExit(
-                f"ours --workers {workers}: the ledger says {ledger} frames, the files hold {frames}"
-            )
+        frames = checked_frames(out, f"ours --workers {workers}")
         timeline = worker_timeline(out / "logs", began)
         shutil.rmtree(folder)
         return Sample(wall, cpu, frames, (server.bytes_served - served) if server else 0, timeline)

@@ -228,6 +228,24 @@ def count_frames(paths: list[Path]) -> int:
     return total
 
 
+def checked_frames(out: Path, side: str) -> int:
+    """Frames in a run of ours' outputs, which must be what its ledger says it wrote."""
+    frames = count_frames(sorted(out.glob("*/*.hevc")))
+    with sqlite3.connect(out / "ledger.sqlite") as db:
+        (ledger,) = db.execute("SELECT COALESCE(SUM(frames), 0) FROM clips WHERE state = 'done'").fetchone()
+    if ledger != frames:
+        raise SystemExit(f"{side}: the ledger says {ledger} frames, the files hold {frames}")
+    return frames
+
+
+def fresh_folder(work: Path, number: int, name: str) -> Path:
+    """An empty folder for one run, numbered in the order the runs happen."""
+    folder = work / f"{number:03d}-{name}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
 class Runner:
     def __init__(self, work: Path) -> None:
         self.work = work
@@ -238,10 +256,7 @@ class Runner:
 
     def fresh(self, name: str) -> Path:
         self.count += 1
-        folder = self.work / f"{self.count:03d}-{name}"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        return folder
+        return fresh_folder(self.work, self.count, name)
 
     def inputs(self, job: Job) -> tuple[Path, Path]:
         """The URL list (absolute local paths) and the clip folder of a job."""
@@ -258,17 +273,10 @@ class Runner:
         urls, clip_dir = self.inputs(job)
         folder = self.fresh(f"{job.name}-ours")
         out = folder / "out"
-        command = daemon_command(urls, clip_dir, out, folder / "temp", self.config, job.workers)
-        if workers is not None:
-            command[command.index("--workers") + 1] = str(workers)
+        chosen = job.workers if workers is None else workers
+        command = daemon_command(urls, clip_dir, out, folder / "temp", self.config, chosen)
         wall, rss = run_measured(command, self.env, folder / "log.txt")
-        frames = count_frames(sorted(out.glob("*/*.hevc")))
-        with sqlite3.connect(out / "ledger.sqlite") as db:
-            (ledger,) = db.execute(
-                "SELECT COALESCE(SUM(frames), 0) FROM clips WHERE state = 'done'"
-            ).fetchone()
-        if ledger != frames:
-            raise SystemExit(f"{job.name}: the ledger says {ledger} frames, the files hold {frames}")
+        frames = checked_frames(out, job.name)
         shutil.rmtree(folder)
         return Sample(wall, frames, rss)
 

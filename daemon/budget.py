@@ -106,14 +106,8 @@ def processing_workers(settings: Settings) -> int:
 def auto_workers(gpu_present: bool, max_gpu_jobs: int) -> int:
     """Workers for `--workers auto`: two for each processing slot, so that while one cuts a source
     the other downloads the next (a list of local files starts only as many as process; see
-    `downloading_workers`); with a GPU, at least one more than its slots."""
+    daemon.fleet); with a GPU, at least one more than its slots."""
     workers = 2 * even_processing_workers(machine_cores())
     if gpu_present:
         workers = max(workers, max_gpu_jobs + 1)
     return min(workers, 256)
-
-
-def downloading_workers(settings: Settings) -> int:
-    """Workers beyond the processing slots only download: they are started only while a URL to
-    download waits (a list of local files needs no more workers than process at once)."""
-    return settings.run.workers - processing_workers(settings)

@@ -362,17 +362,21 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def gpu_usable(device: str) -> bool:
+    """Whether work may go to a GPU: an NVIDIA driver loads and `device` (encode.codec) allows it."""
+    if device == "cpu":
+        return False
+    from daemon.gpu.driver import driver_problem
+
+    return not driver_problem()  # "" when an NVIDIA driver loads
+
+
 def auto_workers(device: str, max_gpu_jobs: int) -> int:
-    """Workers for `--workers auto` (the rule is daemon.budget's); a GPU counts where a driver loads
-    and `device` (encode.codec) lets it be used."""
+    """Workers for `--workers auto` (the rule is daemon.budget's); a GPU counts where
+    `gpu_usable`."""
     from daemon.budget import auto_workers as workers_for
 
-    gpu_present = False
-    if device != "cpu":
-        from daemon.gpu.driver import driver_problem
-
-        gpu_present = not driver_problem()  # "" when an NVIDIA driver loads
-    return workers_for(gpu_present, max_gpu_jobs)
+    return workers_for(gpu_usable(device), max_gpu_jobs)
 
 
 def load_settings(path: Path | None, overrides: dict[str, Any] | None = None) -> Settings:

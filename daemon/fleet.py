@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from loguru import logger
 
 from daemon.budget import processing_workers
-from daemon.config import Settings
+from daemon.config import Settings, gpu_usable
 from daemon.failures import Failure
 from daemon.folders import RunPaths
-from daemon.gpu.driver import driver_problem
 from daemon.links import Launcher, ProcessLauncher, WorkerLink
 from daemon.messages import FromWorker, Stop, Task, WorkerPaths
 
@@ -70,7 +69,7 @@ class Fleet:
         self._cutting_seen = False  # a worker has begun cutting: the downloaders may start
         # Workers wait for processing slots only on the CPU path of local workers; on a GPU the
         # GPU's slots say who goes, and a Ray actor has the CPUs it asked for.
-        on_gpu = settings.encode.codec != "cpu" and not driver_problem()
+        on_gpu = gpu_usable(settings.encode.codec)
         self.cutters = (
             settings.run.workers if settings.run.backend == "ray" or on_gpu else processing_workers(settings)
         )

@@ -97,16 +97,16 @@ class ProcessingSlots:
         and says in the log, once a minute, that it still waits. A stop asked for while waiting
         ends the wait without a slot: the body gets None and must cut nothing."""
         started = time.monotonic()
-        told = said = 0.0
+        tell_at, say_at = 0.0, 60.0  # seconds into the wait
         taken = self.slots.try_take()
         while taken is None and not should_stop():
             waited = time.monotonic() - started
-            if waited - told >= 1.0 or told == 0.0:
+            if waited >= tell_at:
                 if on_wait is not None:
                     on_wait(2.0)
-                told = max(waited, 1e-9)
-            if waited - said >= 60.0:
-                said = waited
+                tell_at = waited + 1.0
+            if waited >= say_at:
+                say_at = waited + 60.0
                 logger.info(
                     f"waiting for a processing slot for {what}: all {self.count} busy for {waited:.0f}s"
                 )

@@ -12,7 +12,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from daemon.budget import CpuBudget, auto_workers, downloading_workers, processing_workers
+from daemon.budget import CpuBudget, auto_workers, processing_workers
 from daemon.config import load_settings
 from daemon.lockslots import ProcessingSlots
 from daemon.messages import Task
@@ -61,7 +61,6 @@ def test_the_cores_go_to_the_workers_that_cut_not_to_every_worker() -> None:
     assert processing_workers(settings(workers=3)) == min(3, even)
     assert processing_workers(settings(workers=8, processing_workers=3)) == 3
     assert processing_workers(settings(workers=2, processing_workers=5)) == 2  # never more than workers
-    assert downloading_workers(settings(workers=6, processing_workers=2)) == 4
     assert auto_workers(gpu_present=False, max_gpu_jobs=2) == 2 * even
     assert auto_workers(gpu_present=True, max_gpu_jobs=9) == max(2 * even, 10)
     # Three workers, two cutting: each cuts on half the cores, not a third of them.
