@@ -2,12 +2,14 @@
 (issue 25's proof).
 
     python bench/bench_network.py [--small] [--repeats 3] [--bandwidth-mbs auto] [--connections 2]
-                                  [--latency-ms 40] [--loaded] [--svg FILE] [--work DIR]
+                                  [--latency-ms 40] [--loaded] [--index-last] [--svg FILE] [--work DIR]
 
 The job (sources generated here and cached in --work): 8 sources of 1280x720 H.264 high profile with
 fresh grain on every frame, 20 to 30 s long at 8 to 12 Mbit/s, a keyframe every 5 s; 4 clips of 90
-frames scattered over each, resize-only to 640x360 (x265 ultrafast). `--small`: 2 sources of 12 s,
-2 clips each, one repetition, to check that everything runs.
+frames scattered over each, resize-only to 640x360 (x265 ultrafast). Their index (`moov`) comes
+first, as in the MP4s web servers serve, so a source can be read while it arrives; `--index-last`
+puts it at the end, where nothing can be read before the whole file is there. `--small`: 2 sources
+of 12 s, 2 clips each, one repetition, to check that everything runs.
 
 The sources are served by bench/cdn_server.py on 127.0.0.1: HTTP Range, `--latency-ms` per
 request, `--bandwidth-mbs` per connection and a link of `--connections` times that. `auto` picks the
@@ -95,23 +97,26 @@ class Interval:
     end: float
 
 
-def make_network_source(path: Path, seconds: int, kbits: int, seed: int) -> Path:
+def make_network_source(path: Path, seconds: int, kbits: int, seed: int, index_first: bool) -> Path:
     """1280x720 high profile H.264 at about `kbits` kbit/s, made as the throughput bench makes its
-    sources (moving texture, fresh grain on every frame, B-frames), with a keyframe every 5 s."""
+    sources (moving texture, fresh grain on every frame, B-frames), with a keyframe every 5 s; its
+    index first (as a web server's MP4 has it) or last."""
     rate = f"bitrate={kbits}:vbv-maxrate={kbits * 5 // 4}:vbv-bufsize={kbits * 2}"
-    return make_grain_source(path, seconds, 1280, 720, seed=seed, grain=5.0, margin=256, x264_params=rate)
+    return make_grain_source(
+        path, seconds, 1280, 720, seed=seed, grain=5.0, margin=256, x264_params=rate, index_first=index_first
+    )
 
 
-def build_sources(folder: Path, small: bool) -> list[Source]:
+def build_sources(folder: Path, small: bool, index_first: bool = True) -> list[Source]:
     folder.mkdir(parents=True, exist_ok=True)
     count, clips = (2, 2) if small else (8, 4)
     sources = []
     for index in range(count):
         seconds = 12 if small else 20 + round(10 * index / (count - 1))  # 20 … 30 s
         kbits = 8000 + 4000 * ((index * 3) % count) // (count - 1)  # 8 … 12 Mbit/s, not in step with length
-        name = f"net{index}-{seconds}s-{kbits // 1000}M.mp4"
+        name = f"net{index}-{seconds}s-{kbits // 1000}M{'' if index_first else '-index-last'}.mp4"
         started = time.monotonic()
-        path = make_network_source(folder / name, seconds, kbits, seed=index)
+        path = make_network_source(folder / name, seconds, kbits, seed=index, index_first=index_first)
         if time.monotonic() - started > 1:
             print(f"(made {name} in {time.monotonic() - started:.0f} s; cached from now on)", flush=True)
         sources.append(Source(path, scattered_clips(seconds * FPS, clips, CLIP_FRAMES, seed=index)))
@@ -140,9 +145,10 @@ def stamp(text: str) -> float:
 def worker_timeline(log_dir: Path, began: float) -> list[Interval]:
     """Download and process intervals per worker, from the worker logs (daemon/logs.py's LINE_FORMAT:
     `time | level | worker | video id | stage | message`). A download runs from `downloading …` to
-    `downloaded …`; processing from `cutting on …` (a processing slot taken; before there was one,
-    the source's last download-stage record, its probe) to its last process-stage record (its last
-    clip written)."""
+    `downloaded …` (or `stopped downloading …`: every clip was cut before the end); processing from
+    `cutting on …` (a processing slot taken; before there was one, the source's last
+    download-stage record, its probe) to its last process-stage record (its last clip written).
+    A source cut while it arrives has both at once."""
     intervals: list[Interval] = []
     for path in sorted(log_dir.glob("worker-*.log")):
         open_download: dict[str, float] = {}
@@ -159,7 +165,7 @@ def worker_timeline(log_dir: Path, began: float) -> list[Interval]:
             if stage == "download":
                 if message.startswith("downloading "):
                     open_download[video] = seconds
-                elif message.startswith("downloaded ") and video in open_download:
+                elif message.startswith(("downloaded ", "stopped downloading ")) and video in open_download:
                     intervals.append(Interval(worker, "download", video, open_download.pop(video), seconds))
                 last_download[video] = seconds
             elif stage == "process":
@@ -269,7 +275,8 @@ class Side:
 
 
 def timeline_text(label: str, intervals: list[Interval], wall: float, cores: int, connections: int) -> str:
-    """Per worker: a bar (D downloading, P processing, . neither), its intervals, and what the
+    """Per worker: a bar (D downloading, P processing, B both: cutting a source that still
+    arrives, . neither), its intervals, and what the
     machine was doing: how long no worker processed, how long fewer workers processed than there are
     cores, how long fewer downloads ran than the link carries at full speed."""
     width = 100
@@ -281,7 +288,7 @@ def timeline_text(label: str, intervals: list[Interval], wall: float, cores: int
         for interval in (i for i in intervals if i.worker == worker):
             mark = "D" if interval.kind == "download" else "P"
             for cell in range(int(interval.start / step), min(width, int(np.ceil(interval.end / step)))):
-                bar[cell] = mark
+                bar[cell] = mark if bar[cell] in (".", mark) else "B"
         lines.append(f"  {worker:<9} |{''.join(bar)}|")
     for worker in workers:
         spans = [
@@ -313,7 +320,8 @@ def timeline_text(label: str, intervals: list[Interval], wall: float, cores: int
 
 def draw_timelines(path: Path, timelines: list[tuple[str, list[Interval], float]]) -> None:
     """The timelines as an SVG picture (no plotting library needed): a band per side, a row per
-    worker, downloading in blue and cutting in orange, on one time axis in seconds."""
+    worker, downloading in blue on its upper half and cutting in orange on its lower half (a source
+    cut while it arrives has both), on one time axis in seconds."""
     left, right, row_px, gap_px, scale_px = 90, 20, 18, 40, 14.0
     longest = max(wall for _, _, wall in timelines)
     width = int(left + right + longest * scale_px)
@@ -328,8 +336,10 @@ def draw_timelines(path: Path, timelines: list[tuple[str, list[Interval], float]
             parts.append(f'<text x="4" y="{top + 13}">{worker}</text>')
             for i in (i for i in intervals if i.worker == worker):
                 colour = "#1f77b4" if i.kind == "download" else "#ff7f0e"
+                half = (row_px - 3) / 2
+                offset = 0.0 if i.kind == "download" else half
                 parts.append(
-                    f'<rect x="{left + i.start * scale_px:.1f}" y="{top}" height="{row_px - 3}" '
+                    f'<rect x="{left + i.start * scale_px:.1f}" y="{top + offset}" height="{half}" '
                     f'width="{max(0.5, (i.end - i.start) * scale_px):.1f}" fill="{colour}">'
                     f"<title>{worker} {i.kind} {i.video_id} {i.start:.1f}-{i.end:.1f} s</title></rect>"
                 )
@@ -365,6 +375,11 @@ def main() -> int:
     parser.add_argument("--latency-ms", type=float, default=40.0, help="delay before every response")
     parser.add_argument("--workers", nargs="+", default=["auto", "2", "3"], help="ours' worker counts")
     parser.add_argument("--loaded", action="store_true", help="a CPU hog on core 0 during every measured run")
+    parser.add_argument(
+        "--index-last",
+        action="store_true",
+        help="sources with their index at the end (moov last): nothing can be read before all arrived",
+    )
     parser.add_argument("--svg", type=Path, help="draw the timelines into this SVG file")
     parser.add_argument(
         "--work", type=Path, default=Path(tempfile.gettempdir()) / "dap-bench-network",
@@ -374,7 +389,9 @@ def main() -> int:
     repeats = args.repeats or (1 if args.small else 3)
     began = time.monotonic()
     args.work.mkdir(parents=True, exist_ok=True)
-    sources = build_sources(args.work / ("sources-small" if args.small else "sources"), args.small)
+    sources = build_sources(
+        args.work / ("sources-small" if args.small else "sources"), args.small, not args.index_last
+    )
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=args.work))
     runner = Runner(run_dir, sources, args.loaded)
     cores = len(os.sched_getaffinity(0))

@@ -45,14 +45,21 @@ OUT_W, OUT_H = 640, 360
 
 @contextlib.contextmanager
 def h264_writer(
-    path: Path, width: int, height: int, options: dict[str, str], fps: int = SOURCE_FPS
+    path: Path,
+    width: int,
+    height: int,
+    options: dict[str, str],
+    fps: int = SOURCE_FPS,
+    index_first: bool = False,
 ) -> Iterator[Callable[[av.VideoFrame], None]]:
     """Write an MP4 with one libx264 stream tagged BT.709 limited range; yields `write(frame)`.
+    With `index_first` its index (`moov`) goes before the pictures, as web servers serve MP4s.
 
     The file appears under its name only once complete (a `.part` file renamed), so a cached source
     interrupted half-way is made again rather than reused."""
     part = path.with_name(path.name + ".part")
-    with av.open(str(part), "w", format="mp4") as container:
+    muxing = {"movflags": "faststart"} if index_first else {}
+    with av.open(str(part), "w", format="mp4", options=muxing) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = options

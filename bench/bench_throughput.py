@@ -106,6 +106,7 @@ def make_grain_source(
     grain: float = 4.0,
     margin: int = 512,
     x264_params: str = "crf=21",
+    index_first: bool = False,
 ) -> Path:
     """Moving smooth texture plus fresh grain on every frame: high profile, B-frames, GOP of 150.
 
@@ -131,7 +132,7 @@ def make_grain_source(
         "profile": "high",
         "x264-params": f"keyint=150:min-keyint=150:scenecut=0:bframes=3:b-adapt=0:{x264_params}",
     }
-    with h264_writer(path, width, height, options) as write:
+    with h264_writer(path, width, height, options, index_first=index_first) as write:
         for index in range(seconds * FPS):
             dy, dx = (index * 2) % margin, (index * 3) % margin
             gy, gx = rng.integers(0, 64, 2)

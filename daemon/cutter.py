@@ -28,7 +28,9 @@ class ClipCutter:
         self.parts = parts
 
     def run(self, job: CutJob) -> VideoOutcome:
-        if self.parts.decodes_in_parts and self.parts.lanes > 1:
+        # Parts of a source still arriving would wait for their bytes before the first clip is cut:
+        # telling parts apart looks up every clip's keyframe in the index first.
+        if self.parts.decodes_in_parts and self.parts.lanes > 1 and not job.arriving:
             groups = separate(self.parts, job)
             if len(groups) > 1:
                 one_part = ClipCutter(self.parts.for_one_part())

@@ -103,6 +103,8 @@ class CutJob:
     output_dir: Path
     sink: ProgressSink
     should_stop: Callable[[], bool] = field(default=no_stop)
+    # Still downloading (daemon.arrival): read front to back, in one pass.
+    arriving: bool = False
 
 
 @dataclass(frozen=True)

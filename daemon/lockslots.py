@@ -79,6 +79,7 @@ class ProcessingSlots:
     def __init__(self, folder: Path, count: int, sleep: Callable[[float], None] = time.sleep) -> None:
         self.slots = LockSlots(folder, "processing-slot", count)
         self._sleep = sleep
+        self._held: int | None = None  # the lock of the slot this process holds
 
     @property
     def count(self) -> int:
@@ -97,6 +98,45 @@ class ProcessingSlots:
         and says in the log, once a minute, that it still waits. A stop asked for while waiting
         ends the wait without a slot: the body gets None and must cut nothing."""
         started = time.monotonic()
+        fd = self._wait(what, on_wait, should_stop)
+        waited = time.monotonic() - started
+        if fd is None:
+            logger.info(f"stopped while waiting {waited:.1f}s for a processing slot for {what}")
+            yield None
+            return
+        if waited >= 1:
+            logger.info(f"got a processing slot for {what} after waiting {waited:.1f}s")
+        self._held = fd
+        try:
+            yield self.slots.busy()
+        finally:
+            if self._held is not None:
+                self.slots.give_back(self._held)
+                self._held = None
+
+    @contextlib.contextmanager
+    def lent(self, what: str, on_wait: Callable[[float], None] | None = None) -> Iterator[None]:
+        """The slot `hold` holds goes back for the body (its holder waits for something else and
+        burns no CPU meanwhile), and a slot is taken again after, waiting as `hold` does but with
+        no stop: the holder is in the middle of a source. When the body raises, no slot is taken
+        again: the holder is on its way out."""
+        fd, self._held = self._held, None
+        if fd is None:
+            yield
+            return
+        self.slots.give_back(fd)
+        yield
+        started = time.monotonic()
+        self._held = self._wait(what, on_wait, lambda: False)
+        waited = time.monotonic() - started
+        if waited >= 1:
+            logger.debug(f"took a processing slot back for {what} after waiting {waited:.1f}s")
+
+    def _wait(
+        self, what: str, on_wait: Callable[[float], None] | None, should_stop: Callable[[], bool]
+    ) -> int | None:
+        """A slot's lock (its fd) once one is free, or None if a stop came first."""
+        started = time.monotonic()
         tell_at, say_at = 0.0, 60.0  # seconds into the wait
         taken = self.slots.try_take()
         while taken is None and not should_stop():
@@ -112,14 +152,4 @@ class ProcessingSlots:
                 )
             self._sleep(self.POLL_SECONDS)
             taken = self.slots.try_take()
-        waited = time.monotonic() - started
-        if taken is None:
-            logger.info(f"stopped while waiting {waited:.1f}s for a processing slot for {what}")
-            yield None
-            return
-        if waited >= 1:
-            logger.info(f"got a processing slot for {what} after waiting {waited:.1f}s")
-        try:
-            yield self.slots.busy()
-        finally:
-            self.slots.give_back(taken[1])
+        return None if taken is None else taken[1]

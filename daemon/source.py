@@ -15,6 +15,7 @@ import av.video.stream
 import numpy as np
 from av.video.reformatter import ColorRange, Colorspace, Interpolation, VideoReformatter
 
+from daemon.arrival import ArrivingFile, media_input
 from daemon.colour import ColourError, SdrConversion, describe, needs_mapping
 from daemon.frames import PictureFormat
 from daemon.geometry import DisplayGeometry, Orientation, sample_aspect
@@ -246,12 +247,18 @@ class VideoSource:
 
     def __init__(self, path: Path, threads: int = 0) -> None:
         self.path = path
+        self._files: list[ArrivingFile] = []  # what it reads a file still downloading through
+        self._index_container: av.container.InputContainer | None = None
         try:
-            self._container = av.open(str(path), mode="r")
+            self._container = av.open(self._opened(path), mode="r")
         except (av.error.FFmpegError, OSError) as exc:
+            self.close_files()
             raise SourceError(f"{path.name}: cannot open as video: {exc}") from exc
+        except BaseException:  # the download it reads failed, or a stop: nothing stays open
+            self.close_files()
+            raise
         if not self._container.streams.video:
-            self._container.close()
+            self.close()
             raise SourceError(f"{path.name}: has no video stream")
         self.stream = self._container.streams.video[0]
         self.stream.thread_type = "AUTO"
@@ -262,7 +269,6 @@ class VideoSource:
         self.time_base = Fraction(self.stream.time_base)
         self._reformatter = VideoReformatter()
         self._sdr = SdrConversion()
-        self._index_container: av.container.InputContainer | None = None
         self._decoded_any = False
         start = self.stream.start_time
         self._origin = start if start is not None else 0
@@ -287,6 +293,17 @@ class VideoSource:
         self._container.close()
         if self._index_container is not None:
             self._index_container.close()
+        self.close_files()
+
+    def close_files(self) -> None:
+        for file in self._files:
+            file.close()
+
+    def _opened(self, path: Path) -> str | ArrivingFile:
+        opened = media_input(path)
+        if isinstance(opened, ArrivingFile):
+            self._files.append(opened)
+        return opened
 
     @property
     def info(self) -> SourceInfo:
@@ -359,7 +376,7 @@ class VideoSource:
         """
         try:
             if self._index_container is None:
-                self._index_container = av.open(str(self.path), mode="r")
+                self._index_container = av.open(self._opened(self.path), mode="r")
             container = self._index_container
             stream = container.streams.video[0]  # the same stream as the decoder's
             target = self.clock.pts(at_or_before)

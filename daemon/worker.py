@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -25,12 +26,13 @@ from typing import Any
 from loguru import logger
 
 from daemon import logs
+from daemon.arrival import Arrival, BackgroundDownload, arriving
 from daemon.budget import CpuBudget, processing_workers
 from daemon.clips import Clip
 from daemon.config import Settings
 from daemon.cutting import CutJob, VideoOutcome
 from daemon.diskspace import DiskGate, Floor
-from daemon.download import DownloadFailure, download
+from daemon.download import DownloadFailure
 from daemon.failures import Scope, from_exception, permanent
 from daemon.lockslots import ProcessingSlots
 from daemon.messages import (
@@ -38,6 +40,7 @@ from daemon.messages import (
     ClipFinished,
     ClipResult,
     FramesEncoded,
+    FromWorker,
     Heartbeat,
     OutputFormat,
     PhaseChanged,
@@ -45,6 +48,7 @@ from daemon.messages import (
     SourceProbed,
     Stop,
     Task,
+    ToWorker,
     UrlFinished,
     WorkerChannel,
     WorkerPaths,
@@ -62,6 +66,25 @@ class Cores:
 
     budget: CpuBudget | None
     stopped: bool = False
+
+
+class _LockedSends:
+    """The worker's channel with its sends one at a time: a download thread sends signs of life
+    while the worker's own thread cuts. Receiving stays with the worker's thread."""
+
+    def __init__(self, conn: WorkerChannel) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, message: FromWorker) -> None:
+        with self._lock:
+            self._conn.send(message)
+
+    def recv(self) -> ToWorker:
+        return self._conn.recv()
+
+    def poll(self) -> bool:
+        return self._conn.poll()
 
 
 class _Reporter:
@@ -131,13 +154,14 @@ class Worker:
         slots: ProcessingSlots | None = None,
     ) -> None:
         self.index = index
-        self.conn = conn
+        self.conn: WorkerChannel = _LockedSends(conn)
         self.settings = settings
         self.output_dir = Path(paths.output_dir)
         self.temp_dir = Path(paths.temp_dir)
         self.stop_requested = False
         self.disk = disk  # its temp folder's free-space floor, checked before each download
         self.slots = slots  # the run's processing slots on this machine; None: a Ray actor's own CPUs
+        self._arrival: Arrival | None = None  # the source being cut while it still downloads
         output = settings.output
         self.output_format = OutputFormat(output.width, output.height, float(settings.fps))
         # The backends module pulls in the pipeline, which the supervisor importing this never needs.
@@ -171,28 +195,20 @@ class Worker:
         """One URL: fetch it, read what it is, cut its clips, delete it; then say how it went."""
         reporter = _Reporter(self.conn, task.url, task.video_id, self.output_format)
         download_seconds = process_seconds = 0.0
+        download: BackgroundDownload | None = None
         phase = "download"
         try:
             # A log record's `stage` field is the worker's phase (its name in every log line and in
             # the JSON logs scripts read, as in the ledger's column).
-            with logger.contextualize(stage="download"):
-                self._phase(task.url, "download")
-                started = time.monotonic()
-                source = self._fetch(task, reporter)
-                download_seconds = 0.0 if task.local else time.monotonic() - started
-                self._probe(task, source)
-            with logger.contextualize(stage="process"), self._cores(task, reporter) as cores:
-                if cores.stopped:  # stopped while waiting its turn: every clip stays pending
-                    outcome = VideoOutcome(results=[], interrupted=True)
-                else:
-                    phase = "process"
-                    self._phase(task.url, "process")
-                    started = time.monotonic()
-                    clips = [Clip(start, end) for start, end in task.clips]
-                    job = CutJob(source, task.video_id, clips, self.output_dir, reporter, self._should_stop)
-                    outcome = self.backends.cut(job, cores.budget)
-                    reporter.flush()
-                    process_seconds = time.monotonic() - started
+            with contextlib.ExitStack() as fetching:
+                with logger.contextualize(stage="download"):
+                    self._phase(task.url, "download")
+                    source, download = fetching.enter_context(self._source(task, reporter))
+                    self._probe(task, source)
+                phase = "process"
+                outcome, process_seconds = self._cut(task, source, reporter)
+            if download is not None:
+                download_seconds = download.seconds
             state = "interrupted" if outcome.interrupted else "done"
             result = UrlFinished(task.url, state, None, download_seconds, process_seconds)
         except DownloadFailure as exc:
@@ -211,6 +227,27 @@ class Worker:
             self._clear_temp()
         self.conn.send(result)
 
+    def _cut(self, task: Task, source: Path, reporter: _Reporter) -> tuple[VideoOutcome, float]:
+        """Every clip of the source, once it has its turn; and how long that took."""
+        with logger.contextualize(stage="process"), self._cores(task, reporter) as cores:
+            if cores.stopped:  # stopped while waiting its turn: every clip stays pending
+                return VideoOutcome(results=[], interrupted=True), 0.0
+            self._phase(task.url, "process")
+            started = time.monotonic()
+            clips = [Clip(start, end) for start, end in task.clips]
+            job = CutJob(
+                source,
+                task.video_id,
+                clips,
+                self.output_dir,
+                reporter,
+                self._should_stop,
+                arriving=self._arrival is not None,
+            )
+            outcome = self.backends.cut(job, cores.budget)
+            reporter.flush()
+            return outcome, time.monotonic() - started
+
     @contextlib.contextmanager
     def _cores(self, task: Task, reporter: _Reporter) -> Iterator[Cores]:
         """A processing slot for the body, and the cores this source is cut on: shared by the
@@ -225,32 +262,75 @@ class Worker:
                 yield Cores(None, stopped=True)
                 return
             budget = CpuBudget.of_source(self.settings, processing_now)
+            arriving_note = ""
+            arrival, slots = self._arrival, self.slots
+            if arrival is not None:
+                # A cut that waits for bytes burns no CPU: the slot goes to another worker meanwhile.
+                arrival.lend_slot = lambda: slots.lent(what, reporter.waiting)
+                arriving_note = ", while it downloads"
             logger.info(
                 f"cutting on {budget.cpus} core(s) ({processing_now} of {self.slots.count} "
-                "processing slots busy)"
+                f"processing slots busy){arriving_note}"
             )
-            yield Cores(budget)
+            try:
+                yield Cores(budget)
+            finally:
+                if arrival is not None:
+                    arrival.lend_slot = None
 
-    def _fetch(self, task: Task, reporter: _Reporter) -> Path:
-        """The source on local disk: a local file as it is, a URL downloaded into the temp folder."""
+    @contextlib.contextmanager
+    def _source(self, task: Task, reporter: _Reporter) -> Iterator[tuple[Path, BackgroundDownload | None]]:
+        """The source to cut, and its download: a local file as it is; a URL's download, cut while
+        it still arrives where yt-dlp writes it front to back and PyAV decodes it (daemon.arrival),
+        whole otherwise. On the way out a download still running is ended (every clip is cut: the
+        rest is not needed, or the cut failed) and its thread waited for, before the temp folder
+        is emptied."""
         if task.local:
             logger.info(f"processing local file {task.url} in place")
-            return Path(task.url)
+            yield Path(task.url), None
+            return
         self._wait_for_disk(reporter)
         logger.info(f"downloading {task.url}")
-        started = time.monotonic()
-        source = download(
+        download = BackgroundDownload(
             task.url,
             self.temp_dir,
             self.settings.download,
             self.settings.output,
             lambda failure, attempt, delay: self._on_retry(failure, attempt, delay, reporter),
             on_bytes=reporter.heartbeat,
-            retry_site_blocks=False,  # the supervisor pauses the site for every worker at once
-        )
-        seconds = time.monotonic() - started
-        logger.info(f"downloaded {source.name} ({source.stat().st_size} bytes) in {seconds:.1f}s")
-        return source
+        ).start()
+        arrival = download.arrival
+        ending = False  # a signal ends the worker: its download thread is not waited for
+        try:
+            arrival.wait_for_start()
+            if arrival.readable and not arrival.ended and self.backends.choice.decode == "cpu":
+                # Named as the whole file will be (messages name it so); read through `arrival`.
+                assert arrival.final_path is not None
+                with arriving(arrival.final_path, arrival):
+                    self._arrival = arrival
+                    yield arrival.final_path, download
+            else:
+                arrival.wait_for_end()
+                if arrival.error is not None:
+                    raise arrival.error
+                assert arrival.final_path is not None
+                yield arrival.final_path, download
+        except Exception:
+            raise
+        except BaseException:
+            # SystemExit from SIGTERM: a download stuck in a read would hold the exit up to a socket
+            # timeout; the thread is a daemon and ends with the process.
+            ending = True
+            download.cancelled.set()
+            raise
+        finally:
+            self._arrival = None
+            if not ending:
+                running = not arrival.ended
+                download.stop()
+                if running and download.cancelled_early:
+                    with logger.contextualize(stage="download"):
+                        logger.info(f"stopped downloading {task.url}: the rest of the file is not needed")
 
     def _wait_for_disk(self, reporter: _Reporter) -> None:
         """Waits while this machine's temp folder is below its floor (the gate logs why, once)."""

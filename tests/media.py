@@ -57,16 +57,19 @@ def make_video(
     time_base: Fraction | None = None,
     start_seconds: Fraction = Fraction(0),
     hidden_frames: bool = False,
+    index_first: bool = False,
 ) -> Path:
     """Write a video whose frame i shows index i; `timestamps` (seconds) makes it variable-rate.
 
     `gop` frames between keyframes (0: only the first frame is one); `bframes` and `open_gop` for
     H.264; `time_base` overrides the stream's (the MP4 muxer keeps it, WebM always uses 1/1000);
     `start_seconds` makes the first frame's timestamp non-zero; `hidden_frames` lets VP9 write
-    alt-ref frames that are decoded but never shown.
+    alt-ref frames that are decoded but never shown; `index_first` puts an MP4's index (`moov`)
+    before the pictures, as web servers serve MP4s (else it comes last).
     """
     container_format = {"libx264": "mp4", "libvpx-vp9": "webm"}[codec]
-    with av.open(str(path), "w", format=container_format) as container:
+    muxing = {"movflags": "faststart"} if index_first else {}
+    with av.open(str(path), "w", format=container_format, options=muxing) as container:
         rate = Fraction(fps).limit_denominator(1001)
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"

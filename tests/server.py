@@ -21,6 +21,8 @@ class Route:
     drop_gets: tuple[int, ...] = ()  # cut the connection a third of the way into these GETs (1-based)
     stall_gets: tuple[int, ...] = ()  # send half the body of these GETs, then nothing until shutdown
     delay_seconds: float = 0.0  # wait this long before the body of every GET (a slow download)
+    bytes_per_second: float = 0.0  # send bodies at this pace (0: at once)
+    served_bytes: int = 0  # body bytes sent, over every GET
     gets: int = 0
     requests: list[str] = field(default_factory=list)
 
@@ -124,7 +126,19 @@ class MediaServer:
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
-                self.wfile.write(body[start:])
+                if not route.bytes_per_second:
+                    self.wfile.write(body[start:])
+                    with server.lock:
+                        route.served_bytes += len(body) - start
+                    return
+                chunk = 16 * 1024
+                for offset in range(start, len(body), chunk):
+                    if server.closing.is_set():
+                        return
+                    self.wfile.write(body[offset : offset + chunk])
+                    with server.lock:
+                        route.served_bytes += len(body[offset : offset + chunk])
+                    time.sleep(chunk / route.bytes_per_second)
 
             def _status(self, status: int, headers: dict[str, str] | None = None) -> None:
                 message = b"no"

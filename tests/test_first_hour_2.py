@@ -318,6 +318,12 @@ def stalled_job(server: MediaServer, workspace: dict[str, Path]) -> str:
     return url
 
 
+def download_stalled(server: MediaServer) -> bool:
+    """The download's own GET (after yt-dlp's look at the URL) has its half body and waits. What
+    yt-dlp read is not on disk yet: it writes a read once it is whole."""
+    return server.routes["/slow.mp4"].gets >= 2
+
+
 def leftovers(workspace: dict[str, Path]) -> list[str]:
     return sorted(
         str(path.relative_to(workspace["temp"])) for path in workspace["temp"].rglob("*") if path.is_file()
@@ -333,7 +339,7 @@ def test_sighup_stops_a_run_as_sigterm_does(server: MediaServer, workspace: dict
         text=True,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )
-    wait_for("the download to start", lambda: leftovers(workspace), deadline=120)
+    wait_for("the download to stall", lambda: download_stalled(server), deadline=120)
     process.send_signal(signal.SIGHUP)
     _, err = process.communicate(timeout=120)
     assert "SIGHUP: finishing in-flight clips, then stopping" in err, err
@@ -356,7 +362,7 @@ def test_closing_the_terminal_stops_a_run_and_leaves_nothing_behind(
         os.environ["PYTHONPATH"] = str(ROOT)
         command = cli_command(workspace, "--workers", "1")
         os.execv(command[0], command)
-    wait_for("the download to start", lambda: leftovers(workspace), deadline=120)
+    wait_for("the download to stall", lambda: download_stalled(server), deadline=120)
     os.close(leader)
     _, wait_status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(wait_status) == 130

@@ -1,0 +1,298 @@
+"""A source read while it downloads.
+
+yt-dlp writes a plain HTTP download front to back into one file. The bytes before the file's
+current end are final, so a decoder may read them before the rest arrives: a read past the end waits
+for the download to write more, or to end. Nothing is read that the finished file would not hold,
+so what is cut from the arriving file is what would be cut from the whole one; a container whose
+index comes last (an MP4 with its `moov` at the end) just makes the first read wait for the whole
+file.
+
+`BackgroundDownload` runs the download on a thread and tells an `Arrival` what it wrote; decoders
+open an `ArrivingFile` on it, through `media_input`, which gives a plain path for any file that is
+not arriving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from daemon.config import DownloadSettings, OutputSettings
+from daemon.download import DownloadCancelled, DownloadFailure, download, ytdlp_options
+
+# How long a waiting reader sleeps at most between looks at the file: writes are announced, but a
+# write yt-dlp buffers reaches the file only at its next flush.
+LOOK_SECONDS = 0.05
+
+
+class Arrival:
+    """What one download has written so far: the file, whether it ended and how. Shared by the
+    thread that downloads and the threads that decode meanwhile."""
+
+    def __init__(self, on_bytes: Callable[[], None] | None = None) -> None:
+        self._changed = threading.Condition()
+        self.part_path: Path | None = None  # the file being written (yt-dlp's `.part`)
+        self.final_path: Path | None = None  # its name once whole
+        # Its whole size, where the server said it: an MP4 demuxer stops looking for more of the
+        # index at the end of the file it knows of, instead of reading on to the end to see.
+        self.total_bytes: int | None = None
+        self.readable = False  # written front to back by one writer: may be read as it arrives
+        self.ended = False
+        self.error: BaseException | None = None
+        self._on_bytes = on_bytes  # a sign of life for the stall watchdog, from a waiting reader
+        # Gives the worker's processing slot back while a reader waits for bytes (see `starving`).
+        self.lend_slot: Callable[[], AbstractContextManager[None]] | None = None
+        self._lending = threading.Lock()
+
+    # The download thread's side.
+
+    def wrote(self, part_path: Path, final_path: Path, readable: bool, total_bytes: int | None) -> None:
+        with self._changed:
+            if self.part_path is None:
+                self.part_path, self.final_path, self.readable = part_path, final_path, readable
+                self.total_bytes = total_bytes
+            self._changed.notify_all()
+
+    def end(self, final_path: Path | None, error: BaseException | None) -> None:
+        with self._changed:
+            self.ended, self.error = True, error
+            if final_path is not None:
+                self.final_path = final_path
+            self._changed.notify_all()
+
+    # The readers' side.
+
+    def wait_for_start(self, should_stop: Callable[[], bool] = lambda: False) -> None:
+        """Until the file exists or the download ended (or a stop is asked for)."""
+        with self._changed:
+            while self.part_path is None and not self.ended and not should_stop():
+                self._changed.wait(LOOK_SECONDS)
+
+    def wait_for_end(self, should_stop: Callable[[], bool] = lambda: False) -> None:
+        with self._changed:
+            while not self.ended and not should_stop():
+                self._changed.wait(LOOK_SECONDS)
+
+    def open(self) -> ArrivingFile:
+        return ArrivingFile(self)
+
+    def _wait(self, enough: Callable[[], bool]) -> None:
+        """Until `enough()` or the download ended; its failure is raised here, in the reader."""
+        with self.starving():
+            with self._changed:
+                while not enough() and not self.ended:
+                    self._changed.wait(LOOK_SECONDS)
+            if self._on_bytes is not None:
+                self._on_bytes()
+        if not enough() and self.error is not None:
+            raise self.error
+
+    @contextlib.contextmanager
+    def starving(self) -> Iterator[None]:
+        """While a reader waits for bytes its worker burns no CPU: the processing slot goes back for
+        the wait, so that a worker with a whole source cuts meanwhile, and is taken again after."""
+        lend = self.lend_slot
+        if lend is None or not self._lending.acquire(blocking=False):
+            yield  # no slot to lend, or another reader of this worker has lent it already
+            return
+        try:
+            with lend():
+                yield
+        finally:
+            self._lending.release()
+
+
+class ArrivingFile:
+    """A read-only file object over an arriving file: reads wait for bytes not yet written, and
+    the end of the file is the end of the download."""
+
+    def __init__(self, arrival: Arrival) -> None:
+        self.arrival = arrival
+        self.name = str(arrival.final_path)  # what FFmpeg's messages call it
+        self._fd = self._open()
+        self._position = 0
+
+    def _open(self) -> int:
+        arrival = self.arrival
+        for path in (arrival.part_path, arrival.final_path):  # renamed when whole
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    return os.open(path, os.O_RDONLY)
+        raise FileNotFoundError(f"{arrival.part_path}: the download's file is gone")
+
+    def _size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            self.arrival._wait(lambda: False)  # all of it: the download's end
+            size = max(0, self._size() - self._position)
+        elif self._size() <= self._position:
+            self.arrival._wait(lambda: self._size() > self._position)
+        data = os.pread(self._fd, size, self._position)
+        self._position += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET:
+            self._position = offset
+        elif whence == os.SEEK_CUR:
+            self._position += offset
+        elif self.arrival.ended or self.arrival.total_bytes is not None:
+            self._position = (self.arrival.total_bytes or self._size()) + offset
+        else:
+            # From an end not known yet. FFmpeg asks for the file's size this way and takes -1 as
+            # "unknown"; waiting here would make opening the file wait for all of it.
+            return -1
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> ArrivingFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# The files being read as they arrive, in this process (a worker cuts one source at a time).
+_arriving: dict[str, Arrival] = {}
+_arriving_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def arriving(path: Path, arrival: Arrival) -> Iterator[None]:
+    """While the body runs, decoders opening `path` read it through `arrival`."""
+    with _arriving_lock:
+        _arriving[str(path)] = arrival
+    try:
+        yield
+    finally:
+        with _arriving_lock:
+            _arriving.pop(str(path), None)
+
+
+def media_input(path: Path) -> str | ArrivingFile:
+    """What a decoder opens for `path`: the arriving file while it downloads, else the path."""
+    with _arriving_lock:
+        arrival = _arriving.get(str(path))
+    if arrival is None:
+        return str(path)
+    return arrival.open()
+
+
+def readable_as_it_arrives(status: dict[str, Any], options: dict[str, Any]) -> bool:
+    """Whether yt-dlp writes this download front to back, as the file it keeps: one plain HTTP
+    stream (not fragments, not an external downloader writing pieces out of order), not one of
+    several formats merged later, and not a file it rewrites after (a stretched picture's fix)."""
+    info = status.get("info_dict") or {}
+    return (
+        info.get("protocol") in ("http", "https")
+        and not options.get("external_downloader")
+        and not info.get("requested_formats")
+        and info.get("stretched_ratio") in (None, 1)
+        and bool(status.get("tmpfilename"))
+    )
+
+
+class BackgroundDownload:
+    """`download` on a thread of its own, its file readable as it arrives (daemon.arrival).
+
+    The thread runs in a copy of the caller's logging context (its log lines name the video), and
+    never talks to the supervisor: the caller sends what there is to send."""
+
+    def __init__(
+        self,
+        url: str,
+        folder: Path,
+        settings: DownloadSettings,
+        output: OutputSettings,
+        on_retry: Callable[[DownloadFailure, int, float], None] | None = None,
+        on_bytes: Callable[[], None] | None = None,
+    ) -> None:
+        self.url = url
+        self.arrival = Arrival(on_bytes)
+        self.cancelled = threading.Event()
+        self._on_bytes = on_bytes
+        self._options = ytdlp_options(settings, output, folder)
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(self._run, folder, settings, output, on_retry),
+            name="download",
+            daemon=True,
+        )
+        self.started = time.monotonic()
+        self.seconds = 0.0  # how long it took, once ended
+
+    def start(self) -> BackgroundDownload:
+        self._thread.start()
+        return self
+
+    def _run(
+        self,
+        folder: Path,
+        settings: DownloadSettings,
+        output: OutputSettings,
+        on_retry: Callable[[DownloadFailure, int, float], None] | None,
+    ) -> None:
+        try:
+            path = download(
+                self.url,
+                folder,
+                settings,
+                output,
+                on_retry,
+                on_progress=self._progress,
+                retry_site_blocks=False,  # the supervisor pauses the site for every worker at once
+                cancelled=self.cancelled,
+            )
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader, who raises it
+            self.seconds = time.monotonic() - self.started
+            self.arrival.end(None, exc)
+        else:
+            self.seconds = time.monotonic() - self.started
+            logger.info(f"downloaded {path.name} ({path.stat().st_size} bytes) in {self.seconds:.1f}s")
+            self.arrival.end(path, None)
+
+    def _progress(self, status: dict[str, Any]) -> None:
+        if self._on_bytes is not None:
+            self._on_bytes()
+        if status.get("status") == "downloading" and status.get("tmpfilename"):
+            total = status.get("total_bytes")
+            self.arrival.wrote(
+                Path(status["tmpfilename"]),
+                Path(status.get("filename") or status["tmpfilename"]),
+                readable_as_it_arrives(status, self._options),
+                int(total) if total else None,
+            )
+
+    def stop(self) -> None:
+        """Ends the download if it still runs (its bytes are not needed) and waits for the thread."""
+        if self._thread.is_alive():
+            self.cancelled.set()
+            self._thread.join()
+
+    @property
+    def cancelled_early(self) -> bool:
+        return isinstance(self.arrival.error, DownloadCancelled)
