@@ -34,11 +34,22 @@ from daemon.download import DownloadCancelled, DownloadFailure, download, ytdlp_
 LOOK_SECONDS = 0.05
 
 
+class ReadInterrupted(Exception):
+    """A signal's exception (SystemExit from SIGTERM) raised while a read waited for bytes. FFmpeg
+    calls the read, and PyAV carries only Exceptions back out of it: the signal's would end the
+    process on the spot, or be lost. VideoSource raises `reason` again, as itself."""
+
+    def __init__(self, reason: BaseException) -> None:
+        super().__init__(repr(reason))
+        self.reason = reason
+
+
 class Arrival:
     """What one download has written so far: the file, whether it ended and how. Shared by the
     thread that downloads and the threads that decode meanwhile."""
 
-    def __init__(self, on_bytes: Callable[[], None] | None = None) -> None:
+    def __init__(self, url: str = "", on_bytes: Callable[[], None] | None = None) -> None:
+        self.url = url
         self._changed = threading.Condition()
         self.part_path: Path | None = None  # the file being written (yt-dlp's `.part`)
         self.final_path: Path | None = None  # its name once whole
@@ -46,8 +57,11 @@ class Arrival:
         # index at the end of the file it knows of, instead of reading on to the end to see.
         self.total_bytes: int | None = None
         self.readable = False  # written front to back by one writer: may be read as it arrives
+        self.format_id: str | None = None
         self.ended = False
         self.error: BaseException | None = None
+        # Set when the download starts again as another file: what was read may not be in it.
+        self.abandoned: DownloadFailure | None = None
         self._on_bytes = on_bytes  # a sign of life for the stall watchdog, from a waiting reader
         # Gives the worker's processing slot back while a reader waits for bytes (see `starving`).
         self.lend_slot: Callable[[], AbstractContextManager[None]] | None = None
@@ -55,11 +69,24 @@ class Arrival:
 
     # The download thread's side.
 
-    def wrote(self, part_path: Path, final_path: Path, readable: bool, total_bytes: int | None) -> None:
+    def wrote(
+        self,
+        part_path: Path,
+        final_path: Path,
+        readable: bool,
+        total_bytes: int | None,
+        format_id: str | None = None,
+    ) -> None:
         with self._changed:
             if self.part_path is None:
                 self.part_path, self.final_path, self.readable = part_path, final_path, readable
-                self.total_bytes = total_bytes
+                self.total_bytes, self.format_id = total_bytes, format_id
+            elif (part_path, total_bytes, format_id) != (self.part_path, self.total_bytes, self.format_id):
+                # A retry that looked the URL up again and got another format: the bytes read so
+                # far may not be this file's. (A retry that resumes the same file goes on.)
+                self.abandoned = self.abandoned or DownloadFailure(
+                    self.url, "the download started again as another file while it was cut", "transient"
+                )
             self._changed.notify_all()
 
     def end(self, final_path: Path | None, error: BaseException | None) -> None:
@@ -86,15 +113,23 @@ class Arrival:
         return ArrivingFile(self)
 
     def _wait(self, enough: Callable[[], bool]) -> None:
-        """Until `enough()` or the download ended; its failure is raised here, in the reader."""
+        """Until `enough()` or the download ended; its failure is raised here, in the reader (and
+        inside `starving`, so that a failing reader takes no slot back)."""
         with self.starving():
-            with self._changed:
-                while not enough() and not self.ended:
-                    self._changed.wait(LOOK_SECONDS)
-            if self._on_bytes is not None:
-                self._on_bytes()
-        if not enough() and self.error is not None:
-            raise self.error
+            try:
+                with self._changed:
+                    while not enough() and not self.ended and self.abandoned is None:
+                        self._changed.wait(LOOK_SECONDS)
+            except Exception:
+                raise
+            except BaseException as exc:
+                raise ReadInterrupted(exc) from exc
+            if self.abandoned is not None:
+                raise self.abandoned
+            if not enough() and self.error is not None:
+                raise self.error
+        if self._on_bytes is not None:
+            self._on_bytes()
 
     @contextlib.contextmanager
     def starving(self) -> Iterator[None]:
@@ -139,12 +174,20 @@ class ArrivingFile:
         return True
 
     def read(self, size: int = -1) -> bytes:
+        arrival = self.arrival
         if size < 0:
-            self.arrival._wait(lambda: False)  # all of it: the download's end
+            arrival._wait(lambda: False)  # all of it: the download's end
             size = max(0, self._size() - self._position)
-        elif self._size() <= self._position:
-            self.arrival._wait(lambda: self._size() > self._position)
-        data = os.pread(self._fd, size, self._position)
+        while True:
+            if arrival.abandoned is not None:
+                raise arrival.abandoned
+            if self._size() <= self._position:
+                arrival._wait(lambda: self._size() > self._position)
+            data = os.pread(self._fd, size, self._position)
+            if data or arrival.ended:
+                break
+            # Nothing where the file had bytes: yt-dlp started it again from the beginning (a
+            # server without ranges); the same bytes come back.
         self._position += len(data)
         return data
 
@@ -153,8 +196,10 @@ class ArrivingFile:
             self._position = offset
         elif whence == os.SEEK_CUR:
             self._position += offset
-        elif self.arrival.ended or self.arrival.total_bytes is not None:
-            self._position = (self.arrival.total_bytes or self._size()) + offset
+        elif self.arrival.ended:
+            self._position = self._size() + offset
+        elif self.arrival.total_bytes is not None:
+            self._position = self.arrival.total_bytes + offset
         else:
             # From an end not known yet. FFmpeg asks for the file's size this way and takes -1 as
             # "unknown"; waiting here would make opening the file wait for all of it.
@@ -212,6 +257,7 @@ def readable_as_it_arrives(status: dict[str, Any], options: dict[str, Any]) -> b
         and not options.get("external_downloader")
         and not info.get("requested_formats")
         and info.get("stretched_ratio") in (None, 1)
+        and not options.get("postprocessors")  # remuxing or recoding asked for in extra_options
         and bool(status.get("tmpfilename"))
     )
 
@@ -232,7 +278,7 @@ class BackgroundDownload:
         on_bytes: Callable[[], None] | None = None,
     ) -> None:
         self.url = url
-        self.arrival = Arrival(on_bytes)
+        self.arrival = Arrival(url, on_bytes)
         self.cancelled = threading.Event()
         self._on_bytes = on_bytes
         self._options = ytdlp_options(settings, output, folder)
@@ -285,6 +331,7 @@ class BackgroundDownload:
                 Path(status.get("filename") or status["tmpfilename"]),
                 readable_as_it_arrives(status, self._options),
                 int(total) if total else None,
+                (status.get("info_dict") or {}).get("format_id"),
             )
 
     def stop(self) -> None:

@@ -32,9 +32,10 @@ from daemon.sites import block_text, page_block_text, retry_after_seconds, site_
 if TYPE_CHECKING:
     import tenacity
 
-# yt-dlp's read size: a quarter of a second of a 4 MB/s connection. Smaller reads cost yt-dlp more
-# CPU (about 0.5 CPU-seconds more per 30 MB at 128 KiB).
-ARRIVAL_BLOCK_BYTES = 1024 * 1024
+# yt-dlp's first read; it then sizes its reads to about a second of data (at most 4 MiB), so a slow
+# link still shows signs of life every second. Its own first read, 1 KiB, costs many small reads
+# before the size grows.
+FIRST_READ_BYTES = 64 * 1024
 
 # Kinds that are the site's answer to us as a whole, not this URL's: the supervisor's site breaker
 # decides the wait for every worker at once.
@@ -240,10 +241,7 @@ def ytdlp_options(settings: DownloadSettings, output: OutputSettings, folder: Pa
         "fragment_retries": 0,
         "extractor_retries": 0,
         "continuedl": True,
-        # Reads of a fixed size, each written at once: a cut reading the file as it arrives gets
-        # the bytes within a fraction of a second (yt-dlp otherwise grows its reads to megabytes).
-        "buffersize": ARRIVAL_BLOCK_BYTES,
-        "noresizebuffer": True,
+        "buffersize": FIRST_READ_BYTES,
         "overwrites": False,
         "socket_timeout": settings.socket_timeout_seconds,
         "restrictfilenames": True,

@@ -15,7 +15,7 @@ import av.video.stream
 import numpy as np
 from av.video.reformatter import ColorRange, Colorspace, Interpolation, VideoReformatter
 
-from daemon.arrival import ArrivingFile, media_input
+from daemon.arrival import ArrivingFile, ReadInterrupted, media_input
 from daemon.colour import ColourError, SdrConversion, describe, needs_mapping
 from daemon.frames import PictureFormat
 from daemon.geometry import DisplayGeometry, Orientation, sample_aspect
@@ -254,6 +254,9 @@ class VideoSource:
         except (av.error.FFmpegError, OSError) as exc:
             self.close_files()
             raise SourceError(f"{path.name}: cannot open as video: {exc}") from exc
+        except ReadInterrupted as exc:  # a signal while the read waited for bytes: as itself
+            self.close_files()
+            raise exc.reason from None
         except BaseException:  # the download it reads failed, or a stop: nothing stays open
             self.close_files()
             raise
@@ -355,6 +358,8 @@ class VideoSource:
             self._peeked = next(self._peeked_from, None)
         except av.error.FFmpegError as exc:
             raise SourceError(f"{self.path.name}: decoding failed: {exc}") from exc
+        except ReadInterrupted as exc:
+            raise exc.reason from None
         return self._peeked
 
     def frames(self, from_seconds: Fraction = Fraction(0)) -> Generator[SourceFrame, None, None]:
@@ -390,6 +395,8 @@ class VideoSource:
                     return None  # no keyframe at or before the target where the seek landed
         except (av.error.FFmpegError, OSError):
             return None
+        except ReadInterrupted as exc:
+            raise exc.reason from None
         return None
 
     @property
@@ -412,6 +419,8 @@ class VideoSource:
             self._container.seek(self.clock.pts(seconds), backward=True, any_frame=False, stream=self.stream)
         except av.error.FFmpegError as exc:
             raise SourceError(f"{self.path.name}: cannot seek to {float(seconds):.3f}s: {exc}") from exc
+        except ReadInterrupted as exc:
+            raise exc.reason from None
 
     def _decode(self) -> Generator[SourceFrame, None, None]:
         last_pts: int | None = None
@@ -440,6 +449,8 @@ class VideoSource:
                 )
         except av.error.FFmpegError as exc:
             raise SourceError(f"{self.path.name}: decoding failed: {exc}") from exc
+        except ReadInterrupted as exc:  # a signal while a read waited for bytes: as itself
+            raise exc.reason from None
 
     @property
     def nominal_frame_seconds(self) -> Fraction:

@@ -169,6 +169,11 @@ class Worker:
 
         # Chosen once, by a probe in a child process; encode.codec = "cpu" never touches a GPU.
         self.backends = Backends.start(settings, budget)
+        # A source is cut while it arrives where PyAV decodes it and the cut holds a processing
+        # slot, which it lends while it waits for bytes. A GPU slot or a Ray resource is not lent:
+        # those workers wait for the whole file, as NVDEC (which reads a path) must.
+        choice = self.backends.choice
+        self._cuts_arriving_sources = choice.decode == "cpu" and not choice.uses_gpu and slots is not None
 
     def serve(self) -> None:
         logger.info(f"worker {self.index} ready (pid {os.getpid()}, device {self.backends.device})")
@@ -303,7 +308,7 @@ class Worker:
         ending = False  # a signal ends the worker: its download thread is not waited for
         try:
             arrival.wait_for_start()
-            if arrival.readable and not arrival.ended and self.backends.choice.decode == "cpu":
+            if arrival.readable and not arrival.ended and self._cuts_arriving_sources:
                 # Named as the whole file will be (messages name it so); read through `arrival`.
                 assert arrival.final_path is not None
                 with arriving(arrival.final_path, arrival):

@@ -4,6 +4,8 @@ run stops downloading once every clip of a source is cut."""
 
 from __future__ import annotations
 
+import select
+import signal
 import subprocess
 import sys
 import threading
@@ -158,6 +160,14 @@ with ProcessingSlots(Path(sys.argv[1]), 1).hold("other") as busy:
 """
 
 
+def first_line(process: subprocess.Popen[str], seconds: float = 60) -> str:
+    """The process's first line of output, or a failure (not a hang) when it writes none in time."""
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], seconds)
+    assert ready, f"no output within {seconds}s"
+    return process.stdout.readline().strip()
+
+
 def test_a_cut_waiting_for_bytes_lends_its_processing_slot_and_waits_to_take_it_back(
     tmp_path: Path,
 ) -> None:
@@ -171,8 +181,8 @@ def test_a_cut_waiting_for_bytes_lends_its_processing_slot_and_waits_to_take_it_
                 text=True,
                 env={"PYTHONPATH": str(ROOT)},
             )
-            assert other.stdout is not None and other.stdin is not None
-            assert other.stdout.readline().strip() == "1"  # it got the slot we lent
+            assert other.stdin is not None
+            assert first_line(other) == "1"  # it got the slot we lent
             threading.Timer(0.5, lambda: (other.stdin.write("\n"), other.stdin.flush())).start()
             started = time.monotonic()
         assert time.monotonic() - started >= 0.4  # we had to wait until it gave the slot back
@@ -187,9 +197,10 @@ def test_a_run_cuts_a_url_while_it_downloads_and_stops_once_every_clip_is_cut(
 ) -> None:
     video = make_video(workspace["media"] / "v.mp4", frames=900, width=320, height=180, index_first=True)
     size = video.stat().st_size
-    # About 3 s for the whole file; with `drop`, the download's first GET (after the look-up's)
+    # About 8 s for the whole file, whose clips end before its half: seconds to spare for cutting
+    # them before the rest comes. With `drop`, the download's first GET (after the look-up's)
     # breaks a third of the way and the retry goes on from where the file ends.
-    url = server.add("v.mp4", video, bytes_per_second=size / 3, drop_gets=(2,) if drop else ())
+    url = server.add("v.mp4", video, bytes_per_second=size / 8, drop_gets=(2,) if drop else ())
     (workspace["clips"] / "v.txt").write_text("30 60\n150 180\n400 430\n")  # all in the first half
     workspace["urls"].write_text(url + "\n")
     # yt-dlp's reads made small enough that this small file arrives in many of them.
@@ -208,3 +219,70 @@ def test_a_run_cuts_a_url_while_it_downloads_and_stops_once_every_clip_is_cut(
         assert "attempt 1 failed (transient)" in log
     assert server.routes["/v.mp4"].served_bytes < size  # the rest of the file was never fetched
     assert not list(workspace["temp"].glob("*/worker-*/*"))  # the partial source deleted
+
+
+INTERRUPTED = """
+import signal, sys, threading
+from pathlib import Path
+sys.path[:0] = [sys.argv[3], sys.argv[4]]
+from test_arrival import Feeder, settings
+from daemon.arrival import arriving
+from daemon.backends import cpu_parts
+from daemon.clips import Clip
+from daemon.cutter import ClipCutter
+from daemon.cutting import CutJob
+from media import CollectedClips
+
+def terminate(signum, frame):
+    raise SystemExit(128 + signum)
+
+signal.signal(signal.SIGTERM, terminate)
+feeder = Feeder(Path(sys.argv[1]), Path(sys.argv[1] + ".part"))
+feeder.write_to(0.3)  # then nothing more: every read past it waits
+config = settings()
+clips = [Clip(0, 30), Clip(250, 280)]
+job = CutJob(feeder.part, "vid", clips, Path(sys.argv[2]), CollectedClips(), arriving=True)
+with arriving(feeder.part, feeder.arrival):
+    print("cutting", flush=True)
+    try:
+        ClipCutter(cpu_parts(config)).run(job)
+    except SystemExit as exc:
+        print(f"stopped by {exc.code}", flush=True)
+        raise
+"""
+
+
+def test_a_signal_while_a_read_waits_for_bytes_stops_the_cut_as_itself(tmp_path: Path) -> None:
+    source = make_video(tmp_path / "v.mp4", frames=300, index_first=True)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            INTERRUPTED,
+            str(source),
+            str(tmp_path / "out"),
+            str(ROOT / "tests"),
+            str(ROOT),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={"PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert first_line(child) == "cutting"
+        # The first clip is cut from what came; the second's frames never come: the cut waits.
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "out" / "vid" / "vid_0000000_0000030.hevc").exists():
+            assert time.monotonic() < deadline, "the first clip was never written"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        child.send_signal(signal.SIGTERM)
+        out, _ = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    # SIGTERM's SystemExit came out of the read that waited, through FFmpeg, as itself: the cut
+    # ended there (its half-written clip removed), not as an end of file with clips "past the end".
+    assert "stopped by 143" in out
+    assert child.returncode == 143
+    assert [path.name for path in (tmp_path / "out" / "vid").iterdir()] == ["vid_0000000_0000030.hevc"]
