@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import gc
 import os
 import threading
 import time
@@ -26,8 +27,13 @@ from typing import Any
 
 from loguru import logger
 
+from daemon.backpart import BackPart, HandedOver
 from daemon.config import DownloadSettings, OutputSettings
 from daemon.download import DownloadCancelled, DownloadFailure, download, ytdlp_options
+
+# How long yt-dlp's connection waits, where the back part begins, for the server to answer the
+# back part's request before it fetches the rest itself.
+ANSWER_SECONDS = 5.0
 
 # How long a waiting reader sleeps at most between looks at the file: writes are announced, but a
 # write yt-dlp buffers reaches the file only at its next flush.
@@ -98,16 +104,24 @@ class Arrival:
 
     # The readers' side.
 
-    def wait_for_start(self, should_stop: Callable[[], bool] = lambda: False) -> None:
-        """Until the file exists or the download ended (or a stop is asked for)."""
+    def wait_for_start(self, meanwhile: Callable[[], object] = lambda: None) -> None:
+        """Until the file exists or the download ended; `meanwhile` is called between looks (the
+        worker reads what the supervisor said)."""
         with self._changed:
-            while self.part_path is None and not self.ended and not should_stop():
+            while self.part_path is None and not self.ended:
+                meanwhile()
                 self._changed.wait(LOOK_SECONDS)
 
-    def wait_for_end(self, should_stop: Callable[[], bool] = lambda: False) -> None:
+    def wait_for_end(self, meanwhile: Callable[[], object] = lambda: None) -> None:
         with self._changed:
-            while not self.ended and not should_stop():
+            while not self.ended:
+                meanwhile()
                 self._changed.wait(LOOK_SECONDS)
+
+    def grew(self) -> None:
+        """More bytes are in the file (written by another hand than yt-dlp's: daemon.backpart)."""
+        with self._changed:
+            self._changed.notify_all()
 
     def open(self) -> ArrivingFile:
         return ArrivingFile(self)
@@ -276,12 +290,24 @@ class BackgroundDownload:
         output: OutputSettings,
         on_retry: Callable[[DownloadFailure, int, float], None] | None = None,
         on_bytes: Callable[[], None] | None = None,
+        between_reads: Callable[[], None] = lambda: None,
     ) -> None:
         self.url = url
         self.arrival = Arrival(url, on_bytes)
+        self._between_reads = between_reads  # the worker reads what the supervisor said
         self.cancelled = threading.Event()
         self._on_bytes = on_bytes
         self._options = ytdlp_options(settings, output, folder)
+        # A second connection for the back part of the file, when the supervisor has one to spare
+        # (daemon.backpart); never past a rate limit or request pacing the user set.
+        # Below download.spare_connection_min_mb a request's latency would eat what it saves.
+        self._split_min_bytes = int(settings.spare_connection_min_mb * 1024 * 1024)
+        self._may_split = bool(
+            self._split_min_bytes and not settings.rate_limit and not settings.sleep_interval_seconds
+        )
+        self._connection_offered = threading.Event()
+        self._back: BackPart | None = None
+        self._downloaded = 0
         self._thread = threading.Thread(
             target=contextvars.copy_context().run,
             args=(self._run, folder, settings, output, on_retry),
@@ -302,8 +328,8 @@ class BackgroundDownload:
         output: OutputSettings,
         on_retry: Callable[[DownloadFailure, int, float], None] | None,
     ) -> None:
-        try:
-            path = download(
+        def fetch() -> Path:
+            return download(
                 self.url,
                 folder,
                 settings,
@@ -313,6 +339,18 @@ class BackgroundDownload:
                 retry_site_blocks=False,  # the supervisor pauses the site for every worker at once
                 cancelled=self.cancelled,
             )
+
+        try:
+            handed_over = False
+            try:
+                path = fetch()
+            except HandedOver:
+                handed_over = True
+            if handed_over:
+                # Out of the handler: the exception's frames held yt-dlp's response open, and the
+                # server kept filling the socket's buffers with bytes the back part brings.
+                gc.collect()
+                path = self._join_back_part(fetch)
         except BaseException as exc:  # noqa: BLE001 - handed to the reader, who raises it
             self.seconds = time.monotonic() - self.started
             self.arrival.end(None, exc)
@@ -324,21 +362,121 @@ class BackgroundDownload:
     def _progress(self, status: dict[str, Any]) -> None:
         if self._on_bytes is not None:
             self._on_bytes()
+        self._between_reads()
         if status.get("status") == "downloading" and status.get("tmpfilename"):
             total = status.get("total_bytes")
+            before, self._downloaded = self._downloaded, int(status.get("downloaded_bytes") or 0)
+            readable = readable_as_it_arrives(status, self._options)
             self.arrival.wrote(
                 Path(status["tmpfilename"]),
                 Path(status.get("filename") or status["tmpfilename"]),
-                readable_as_it_arrives(status, self._options),
+                readable,
                 int(total) if total else None,
                 (status.get("info_dict") or {}).get("format_id"),
             )
+            if readable:
+                self._split(status, self._downloaded - before)
+
+    # The back part on a second connection (daemon.backpart).
+
+    def offer_connection(self) -> None:
+        """The supervisor has a connection to spare (no URL waits, a worker idles): the download
+        takes it for its back part at its next progress report, if enough is left."""
+        self._connection_offered.set()
+
+    def bytes_left(self) -> int | None:
+        """What is left to download, where known; None once it ended."""
+        total = self.arrival.total_bytes
+        if self.arrival.ended or total is None:
+            return None
+        return max(0, total - self._downloaded)
+
+    def _split(self, status: dict[str, Any], block: int) -> None:
+        """In yt-dlp's progress hook (after a read of `block` bytes): start the back part when a
+        connection was offered; stop yt-dlp (HandedOver) before its next read would reach the back
+        part's bytes. Its reads wait for a whole block of up to 4 MiB: one read past the back part's
+        start would fetch that much twice. The few bytes left before it come on a request of
+        their own (`_join_back_part`)."""
+        back, downloaded = self._back, self._downloaded
+        if back is not None:
+            if downloaded + block >= back.first_byte:
+                # Its answer is due (a request's latency): the front waits a moment for it.
+                if back.wait_for_answer(ANSWER_SECONDS):
+                    raise HandedOver(self.url)
+                back.give_up()  # it never got going: this connection fetches the rest
+                self._back = None
+            return
+        if not self._connection_offered.is_set():
+            return
+        self._connection_offered.clear()
+        info = status.get("info_dict") or {}
+        total = self.arrival.total_bytes
+        if not self._may_split or total is None or not info.get("url"):
+            return
+        # Half of what is left, but past yt-dlp's next read (up to twice its last), which has begun.
+        first = downloaded + max((total - downloaded) // 2, 2 * block)
+        if total - downloaded < self._split_min_bytes or total - first < self._split_min_bytes // 2:
+            logger.info(f"no second connection for {self.url}: {(total - downloaded) / 1e6:.1f} MB left")
+            return
+        self._back = BackPart(
+            info["url"],
+            dict(info.get("http_headers") or {}),
+            first,
+            total,
+            total,
+            Path(f"{status['tmpfilename']}.back"),
+            self._options,
+            self.cancelled,
+        ).start()
+        logger.info(
+            f"a spare connection fetches the last {(total - first) / 1e6:.1f} MB of {self.url} "
+            f"(bytes {first}-{total - 1}); this one fetches the {(first - downloaded) / 1e6:.1f} MB before"
+        )
+
+    def _join_back_part(self, fetch: Callable[[], Path]) -> Path:
+        """yt-dlp stopped where the back part begins: its bytes are appended as they come, and the
+        file takes its final name as yt-dlp would give it. If the back part fails, yt-dlp goes on
+        from the end of the file (it resumes a `.part` file) on its own connection."""
+        back, arrival = self._back, self.arrival
+        assert back is not None and arrival.part_path is not None and arrival.final_path is not None
+        self._back = None
+        gap: BackPart | None = None
+        try:
+            have = arrival.part_path.stat().st_size  # yt-dlp closed its file on the way out
+            if have < back.first_byte:
+                gap = back.before(have)
+                gap.append_to(arrival.part_path, self._appended, self.cancelled)
+            back.append_to(arrival.part_path, self._appended, self.cancelled)
+        except DownloadCancelled:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the download goes on without it
+            for part in (back, gap):
+                if part is not None:
+                    part.give_up(wait_seconds=5)
+            logger.warning(f"{self.url}: the second connection failed ({exc}); yt-dlp fetches the rest")
+            return fetch()
+        finally:
+            back.path.unlink(missing_ok=True)
+            if gap is not None:
+                gap.path.unlink(missing_ok=True)
+        # The rename yt-dlp would do at its end, within the worker's temp folder: not an output.
+        arrival.part_path.replace(arrival.final_path)
+        return arrival.final_path
+
+    def _appended(self, have: int) -> None:
+        self._downloaded = have
+        self.arrival.grew()
+        if self._on_bytes is not None:
+            self._on_bytes()
 
     def stop(self) -> None:
         """Ends the download if it still runs (its bytes are not needed) and waits for the thread."""
         if self._thread.is_alive():
             self.cancelled.set()
             self._thread.join()
+        back = self._back
+        if back is not None:
+            back.give_up(wait_seconds=5)
 
     @property
     def cancelled_early(self) -> bool:

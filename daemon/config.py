@@ -159,6 +159,9 @@ class DownloadSettings(_Section):
     rate_limit: str = ""
     sleep_interval_seconds: float = Field(0.0, ge=0)
     max_filesize_mb: float = Field(0.0, ge=0)
+    # When no URL waits and a worker idles, a download in flight with at least this much (MiB)
+    # left fetches the back half of its file on the idle worker's connection; 0: never.
+    spare_connection_min_mb: float = Field(4.0, ge=0)
     extra_options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("cookies_file")

@@ -105,6 +105,9 @@ class CutJob:
     should_stop: Callable[[], bool] = field(default=no_stop)
     # Still downloading (daemon.arrival): read front to back, in one pass.
     arriving: bool = False
+    # How many lanes a clip starting now may use, where that changes as the source is cut (the
+    # cores other workers left since it began); None: the parts' lanes throughout.
+    lanes_now: Callable[[], int] | None = None
 
 
 @dataclass(frozen=True)

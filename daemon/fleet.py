@@ -16,7 +16,7 @@ from daemon.config import Settings, gpu_usable
 from daemon.failures import Failure
 from daemon.folders import RunPaths
 from daemon.links import Launcher, ProcessLauncher, WorkerLink
-from daemon.messages import FromWorker, Stop, Task, WorkerPaths
+from daemon.messages import FromWorker, SpareConnection, Stop, Task, WorkerPaths
 
 
 @dataclass
@@ -37,10 +37,13 @@ class WorkerHandle:
     # passing reason: what is left of the task if it has to be tried again.
     settled: set[tuple[int, int]] = field(default_factory=set)
     clip_failures: list[Failure] = field(default_factory=list)
+    download_bytes_left: int | None = None  # as its last heartbeat said; None: not downloading
+    connection_lent: bool = False  # an idle worker's connection was offered to its download
 
     def take(self, task: Task) -> None:
         self.task, self.idle, self.phase = task, False, "queued"
         self.settled, self.clip_failures = set(), []
+        self.download_bytes_left, self.connection_lent = None, False
         self.last_progress, self.announced_wait = time.monotonic(), 0.0
 
     def stop(self) -> None:
@@ -124,6 +127,35 @@ class Fleet:
             if wanted:
                 self.start(index)
                 free += 1
+
+    def lend_idle_connections(self) -> None:
+        """When no URL waits, each idle worker's connection goes to a download in flight, the one
+        with the most bytes left first, for the back part of its file (daemon.backpart): the end
+        of a list then does not wait on one paced connection while the link has room. One extra
+        connection per download at most, and never more connections than workers."""
+        least_bytes = self.settings.download.spare_connection_min_mb * 1024 * 1024
+        if not least_bytes:
+            return
+        handles = list(self.workers.values())
+        idle = sum(1 for handle in handles if handle.idle)
+        lent = sum(1 for handle in handles if handle.connection_lent and handle.download_bytes_left)
+        wanting = sorted(
+            (
+                handle
+                for handle in handles
+                if handle.task is not None
+                and not handle.connection_lent
+                and (handle.download_bytes_left or 0) >= least_bytes
+            ),
+            key=lambda handle: -(handle.download_bytes_left or 0),
+        )
+        for handle in wanting[: max(0, idle - lent)]:
+            handle.connection_lent = True
+            handle.link.send(SpareConnection())
+            logger.info(
+                f"no URL waits and {idle} worker(s) idle: worker {handle.index} may fetch the rest of "
+                f"its download ({(handle.download_bytes_left or 0) / 1e6:.1f} MB) on a second connection"
+            )
 
     def cutting_began(self) -> None:
         """A worker said it is cutting: from now on the workers that only download may start."""

@@ -85,6 +85,10 @@ class ProcessingSlots:
     def count(self) -> int:
         return self.slots.count
 
+    def busy(self) -> int:
+        """How many of the slots are held now, this process's included."""
+        return self.slots.busy()
+
     @contextlib.contextmanager
     def hold(
         self,

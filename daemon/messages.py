@@ -68,7 +68,13 @@ class Stop:
     """Finish the clips in progress, then exit."""
 
 
-ToWorker = Assign | Stop
+@dataclass(frozen=True)
+class SpareConnection:
+    """No URL waits and a worker idles: the download in flight may fetch its back part on a
+    second connection (daemon.backpart)."""
+
+
+ToWorker = Assign | Stop | SpareConnection
 
 
 # --- worker to supervisor ---------------------------------------------------------------------
@@ -87,6 +93,7 @@ class Heartbeat:
 
     url: str
     waiting_seconds: float = 0.0
+    download_bytes_left: int | None = None  # while its download runs, where its size is known
 
 
 @dataclass(frozen=True)

@@ -184,7 +184,9 @@ class SeparateParts:
             if stop.is_set():  # not started: its clips stay pending
                 return VideoOutcome(results=[], interrupted=True)
             try:
-                return self.cut_part(replace(job, clips=part, sink=relay, should_stop=stop.is_set))
+                # Each part is one lane already: it takes no more.
+                one = replace(job, clips=part, sink=relay, should_stop=stop.is_set, lanes_now=None)
+                return self.cut_part(one)
             except BaseException:
                 # The other parts stop the way they do on a stop request: the clips in progress
                 # are finished and kept, the parts not started stay pending; the error is raised.

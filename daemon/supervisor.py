@@ -222,8 +222,8 @@ class Supervisor:
         # A heartbeat may announce a deliberate wait (the fleet noted the sign of life).
         handle.announced_wait = message.waiting_seconds if isinstance(message, Heartbeat) else 0.0
         match message:
-            case Heartbeat():
-                pass
+            case Heartbeat(download_bytes_left=left):
+                handle.download_bytes_left = left
             case Ready(node=node):
                 handle.ready_seen = True
                 handle.node = node or handle.node
@@ -405,6 +405,8 @@ class Supervisor:
         for handle in self.fleet:
             if handle.idle and self.queue.ready and not self.draining:
                 self._assign(handle)
+        if not self.queue.ready and not self.draining:
+            self.fleet.lend_idle_connections()
         assert self.ledger is not None
         self.conditions.show(self.ledger, self.queue)
         if not self.fleet:

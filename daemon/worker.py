@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from daemon.messages import (
     PhaseChanged,
     Ready,
     SourceProbed,
+    SpareConnection,
     Stop,
     Task,
     ToWorker,
@@ -66,25 +67,34 @@ class Cores:
 
     budget: CpuBudget | None
     stopped: bool = False
+    lanes_now: Callable[[], int] | None = None  # lanes for a clip starting now (see CutJob)
 
 
-class _LockedSends:
-    """The worker's channel with its sends one at a time: a download thread sends signs of life
-    while the worker's own thread cuts. Receiving stays with the worker's thread."""
+class _SharedChannel:
+    """The worker's channel used from two threads, one send and one receive at a time: a download
+    thread sends signs of life and reads what the supervisor said (a stop, a spare connection)
+    while the worker's own thread cuts."""
 
     def __init__(self, conn: WorkerChannel) -> None:
         self._conn = conn
-        self._lock = threading.Lock()
+        self._sending = threading.Lock()
+        self._receiving = threading.Lock()
 
     def send(self, message: FromWorker) -> None:
-        with self._lock:
+        with self._sending:
             self._conn.send(message)
 
     def recv(self) -> ToWorker:
-        return self._conn.recv()
+        with self._receiving:
+            return self._conn.recv()
 
     def poll(self) -> bool:
         return self._conn.poll()
+
+    def take(self) -> ToWorker | None:
+        """A message already waiting, or None: never waits."""
+        with self._receiving:
+            return self._conn.recv() if self._conn.poll() else None
 
 
 class _Reporter:
@@ -98,13 +108,15 @@ class _Reporter:
         self._frames = 0
         self._last_sent = time.monotonic()
         self._last_heartbeat = 0.0
+        self.download_left: Callable[[], int | None] = lambda: None  # the download's, while it runs
 
     def heartbeat(self) -> None:
-        """Work moved (bytes arrived, a frame was decoded): tells the watchdog, now and then."""
+        """Work moved (bytes arrived, a frame was decoded): tells the watchdog, now and then, and
+        the supervisor how much is left to download (it lends idle connections by that)."""
         now = time.monotonic()
         if now - self._last_heartbeat >= HEARTBEAT_SECONDS:
             self._last_heartbeat = now
-            self.conn.send(Heartbeat(self.url))
+            self.conn.send(Heartbeat(self.url, download_bytes_left=self.download_left()))
 
     def frame_decoded(self) -> None:
         self.heartbeat()
@@ -112,7 +124,7 @@ class _Reporter:
     def waiting(self, seconds: float) -> None:
         """A deliberate wait (retry back-off, a GPU slot): the watchdog allows for it."""
         self._last_heartbeat = time.monotonic()
-        self.conn.send(Heartbeat(self.url, waiting_seconds=seconds))
+        self.conn.send(Heartbeat(self.url, waiting_seconds=seconds, download_bytes_left=self.download_left()))
 
     def clip_finished(self, result: ClipResult) -> None:
         message = ClipFinished(self.url, self.video_id, result)
@@ -154,7 +166,7 @@ class Worker:
         slots: ProcessingSlots | None = None,
     ) -> None:
         self.index = index
-        self.conn: WorkerChannel = _LockedSends(conn)
+        self.conn = _SharedChannel(conn)
         self.settings = settings
         self.output_dir = Path(paths.output_dir)
         self.temp_dir = Path(paths.temp_dir)
@@ -162,6 +174,7 @@ class Worker:
         self.disk = disk  # its temp folder's free-space floor, checked before each download
         self.slots = slots  # the run's processing slots on this machine; None: a Ray actor's own CPUs
         self._arrival: Arrival | None = None  # the source being cut while it still downloads
+        self._download: BackgroundDownload | None = None  # the download in flight
         output = settings.output
         self.output_format = OutputFormat(output.width, output.height, float(settings.fps))
         # The backends module pulls in the pipeline, which the supervisor importing this never needs.
@@ -179,18 +192,30 @@ class Worker:
         logger.info(f"worker {self.index} ready (pid {os.getpid()}, device {self.backends.device})")
         while not self.stop_requested:
             self.conn.send(Ready(node=socket.gethostname()))
-            match self.conn.recv():
+            message = self.conn.recv()
+            while isinstance(message, SpareConnection):  # meant for the URL just finished
+                message = self.conn.recv()
+            match message:
                 case Assign(task=task):
                     with logger.contextualize(video_id=task.video_id):
                         self.handle(task)
                 case Stop():
                     break
 
+    def _read_messages(self) -> None:
+        """What the supervisor said while the worker works: a stop, or a connection to spare. Read
+        by the worker's thread between clips and by its download thread between reads."""
+        while not self.stop_requested and (message := self.conn.take()) is not None:
+            match message:
+                case Stop():
+                    self.stop_requested = True
+                    logger.info("stop requested: finishing the clips in progress")
+                case SpareConnection():
+                    if self._download is not None:
+                        self._download.offer_connection()
+
     def _should_stop(self) -> bool:
-        while not self.stop_requested and self.conn.poll():
-            if isinstance(self.conn.recv(), Stop):
-                self.stop_requested = True
-                logger.info("stop requested: finishing the clips in progress")
+        self._read_messages()
         return self.stop_requested
 
     def _phase(self, url: str, phase: str) -> None:
@@ -248,6 +273,7 @@ class Worker:
                 reporter,
                 self._should_stop,
                 arriving=self._arrival is not None,
+                lanes_now=cores.lanes_now,
             )
             outcome = self.backends.cut(job, cores.budget)
             reporter.flush()
@@ -277,8 +303,14 @@ class Worker:
                 f"cutting on {budget.cpus} core(s) ({processing_now} of {self.slots.count} "
                 f"processing slots busy){arriving_note}"
             )
+            settings, slots_now = self.settings, self.slots
+
+            def lanes_now() -> int:
+                # The cores over the workers processing now: more once others finished.
+                return CpuBudget.of_source(settings, slots_now.busy()).lanes
+
             try:
-                yield Cores(budget)
+                yield Cores(budget, lanes_now=None if budget.parallel_clips else lanes_now)
             finally:
                 if arrival is not None:
                     arrival.lend_slot = None
@@ -303,11 +335,13 @@ class Worker:
             self.settings.output,
             lambda failure, attempt, delay: self._on_retry(failure, attempt, delay, reporter),
             on_bytes=reporter.heartbeat,
+            between_reads=self._read_messages,
         ).start()
         arrival = download.arrival
         ending = False  # a signal ends the worker: its download thread is not waited for
+        self._download, reporter.download_left = download, download.bytes_left
         try:
-            arrival.wait_for_start()
+            arrival.wait_for_start(self._read_messages)
             if arrival.readable and not arrival.ended and self._cuts_arriving_sources:
                 # Named as the whole file will be (messages name it so); read through `arrival`.
                 assert arrival.final_path is not None
@@ -315,7 +349,7 @@ class Worker:
                     self._arrival = arrival
                     yield arrival.final_path, download
             else:
-                arrival.wait_for_end()
+                arrival.wait_for_end(self._read_messages)
                 if arrival.error is not None:
                     raise arrival.error
                 assert arrival.final_path is not None
@@ -329,7 +363,8 @@ class Worker:
             download.cancelled.set()
             raise
         finally:
-            self._arrival = None
+            self._arrival, self._download = None, None
+            reporter.download_left = lambda: None
             if not ending:
                 running = not arrival.ended
                 download.stop()

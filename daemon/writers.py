@@ -148,8 +148,17 @@ class Lanes:
     The decoding thread runs ahead, into the next clip so that a second lane gets work, until
     `buffer_bytes` of pictures are queued: memory is bounded by that, whatever the video's length."""
 
-    def __init__(self, count: int, buffer_bytes: int, on_written: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        count: int,
+        buffer_bytes: int,
+        on_written: Callable[[int], None],
+        count_now: Callable[[], int] | None = None,
+    ) -> None:
         self._count = count if count > 1 else 0
+        # More lanes for clips that start once other workers left cores free: a source begun on
+        # one core, as the last of a run, ends on all of them. Never fewer than it began with.
+        self._count_now = count_now
         self._lanes: dict[ThreadPoolExecutor, int] = {}  # each lane, with its clips still receiving frames
         self._buffer_bytes = buffer_bytes
         self._on_written = on_written
@@ -160,10 +169,13 @@ class Lanes:
     @property
     def side_by_side(self) -> bool:
         """Whether clips may be written on several threads at once."""
-        return bool(self._count)
+        return bool(self._count or self._lanes)
 
     def take(self) -> ThreadPoolExecutor | None:
         """The lane for a new clip; None (written on the decoding thread) when there are no lanes."""
+        if self._count_now is not None:
+            now = self._count_now()
+            self._count = max(self._count, now if now > 1 else 0)
         if not self._count:
             return None
         left: dict[ThreadPoolExecutor, int] = dict.fromkeys(self._lanes, 0)  # bytes queued, not written
@@ -224,7 +236,7 @@ class OpenClips:
         self.results: list[ClipResult] = []
         self.writers: dict[Clip, ClipWriter] = {}  # clips still receiving frames
         self.finishing: list[ClipWriter] = []  # clips whose lane is finishing them, in order
-        self.lanes = Lanes(parts.lanes, parts.buffer_bytes, job.sink.frames_encoded)
+        self.lanes = Lanes(parts.lanes, parts.buffer_bytes, job.sink.frames_encoded, job.lanes_now)
 
     def report(self, result: ClipResult) -> None:
         self.results.append(result)

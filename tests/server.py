@@ -25,6 +25,7 @@ class Route:
     served_bytes: int = 0  # body bytes sent, over every GET
     gets: int = 0
     requests: list[str] = field(default_factory=list)
+    ranges: list[str] = field(default_factory=list)  # the Range header of every GET that had one
 
 
 BOT_PAGE = (
@@ -65,6 +66,11 @@ class MediaServer:
             def log_message(self, *args: object) -> None:
                 pass
 
+            def handle(self) -> None:
+                # A client that stops a download early resets the connection it kept open.
+                with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+                    super().handle()
+
             def do_HEAD(self) -> None:
                 self._answer(head=True)
 
@@ -96,14 +102,19 @@ class MediaServer:
                     return
                 server._hit(path, 200)
                 body = route.body
-                start = 0
+                start, size = 0, len(body)
                 range_header = self.headers.get("Range")
                 if range_header and range_header.startswith("bytes="):
-                    first = range_header[6:].split("-")[0]
+                    if not head:
+                        with server.lock:
+                            route.ranges.append(range_header)
+                    first, _, last = range_header[6:].partition("-")
                     start = int(first) if first else 0
-                if start:
+                    if last:
+                        body = body[: int(last) + 1]
+                if start or len(body) < size:
                     self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{size}")
                 else:
                     self.send_response(200)
                 self.send_header("Content-Type", route.content_type)

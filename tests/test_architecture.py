@@ -49,6 +49,7 @@ LAYERS: list[set[str]] = [
         "daemon.walk",
         "daemon.timing",
         "daemon.download",
+        "daemon.backpart",
         "daemon.arrival",
         "daemon.gpu.nvcodec",
         "daemon.gpu.color",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.backends import cpu_parts
+from daemon.backends import CPU_BACKENDS, assemble, cpu_parts
 from daemon.budget import CpuBudget
 from daemon.clips import Clip
 from daemon.cutter import ClipCutter
@@ -106,6 +106,46 @@ def test_with_lanes_no_clip_is_encoded_on_the_decoding_thread_and_encoders_go_wh
         assert decoded_indices(path) == list(range(clip.start_frame, clip.end_frame))
     assert threads and all(name.startswith("clip-lane") for name in threads)
     assert most <= 2
+
+
+def test_a_source_begun_on_one_core_writes_its_later_clips_on_lanes_once_cores_are_free(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last source of a run begins while another worker cuts (one core: clips encoded by the
+    decoder) and ends alone: the clips that start after the other left are written on lanes."""
+    threads: dict[Clip, set[str]] = {}
+    encode = X265Encoder._encode
+
+    def watched_encode(self: X265Encoder, frame: object) -> None:
+        start = int(self.name.split("_")[1])
+        clip = next(c for c in clips if c.start_frame == start)
+        threads.setdefault(clip, set()).add(threading.current_thread().name)
+        encode(self, frame)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(X265Encoder, "_encode", watched_encode)
+    config = settings()
+    parts = assemble(config, CPU_BACKENDS, CpuBudget(1, 0, 0, 0), build_stages(config, "cpu"))
+    assert parts.lanes == 1
+    clips = [Clip(start, start + 40) for start in range(0, 240, 40)]
+    asked = []
+
+    def lanes_now() -> int:
+        asked.append(len(asked))
+        return 1 if len(asked) <= 2 else 2  # the other worker is done after the second clip starts
+
+    whole = cut(source, clips, tmp_path / "whole")
+    threads.clear()
+    sink = CollectedClips()
+    ClipCutter(parts).run(CutJob(source, "vid", clips, tmp_path / "out", sink, lanes_now=lanes_now))
+    for result in sink.results:
+        clip = Clip(result.start_frame, result.end_frame)
+        frames = decoded_indices(Path(result.path or ""))
+        assert frames == list(range(clip.start_frame, clip.end_frame))
+        assert frames == decoded_indices(Path(whole[clip].path or ""))
+    assert len(sink.results) == len(clips) and len(asked) == len(clips)
+    decoding = threading.current_thread().name
+    assert threads[clips[0]] == threads[clips[1]] == {decoding}  # one core: on the decoding thread
+    assert all(threads[clip] and decoding not in threads[clip] for clip in clips[2:])  # on lanes
 
 
 def test_the_lane_budget_is_the_workers_share_of_the_cores() -> None:
