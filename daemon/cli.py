@@ -317,6 +317,22 @@ def read_urls_file(given: Path) -> UrlList:
 
 
 def _run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    if not args.input_clip_dir.is_dir():
+        raise UsageError(f"--input-clip-dir {args.input_clip_dir}: no such folder")
+    if not args.dry_run and settings.run.backend != "ray":
+        from daemon import workerserver
+
+        # Local workers are forked from a server that loads what they run: started now, it loads
+        # on another core while the supervisor imports, checks and opens what it needs.
+        workerserver.start()
+    url_list = read_urls_file(args.urls_file)
+    if args.dry_run:
+        from daemon.dryrun import dry_run
+
+        dry_run(settings, url_list, args.input_clip_dir, args.output_dir)
+        return EXIT_OK
+
     from daemon.checks import check_encoder, check_gpu, check_stages, loaded_line, say_js_runtime
     from daemon.folders import RunPaths
     from daemon.ledger import LedgerError
@@ -325,15 +341,6 @@ def _run(args: argparse.Namespace) -> int:
     from daemon.signals import install_signal_handlers
     from daemon.supervisor import Supervisor
 
-    settings = settings_from_args(args)
-    if not args.input_clip_dir.is_dir():
-        raise UsageError(f"--input-clip-dir {args.input_clip_dir}: no such folder")
-    url_list = read_urls_file(args.urls_file)
-    if args.dry_run:
-        from daemon.dryrun import dry_run
-
-        dry_run(settings, url_list, args.input_clip_dir, args.output_dir)
-        return EXIT_OK
     paths = RunPaths.from_settings(settings, args.input_clip_dir, args.output_dir)
     paths.check_writable()
     # Before the log is opened: a refused run writes nothing into the running one's log.

@@ -9,13 +9,12 @@ here, Ray actors in daemon.ray_links.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any, Protocol
 
-import multiprocess as mp
 from loguru import logger
 from multiprocess.connection import wait as wait_any
 
+from daemon import workerserver
 from daemon.config import Settings
 from daemon.messages import FromWorker, ToWorker, WorkerPaths
 from daemon.worker import worker_main
@@ -57,7 +56,7 @@ class Launcher(Protocol):
 
 
 class ProcessLink:
-    """A worker process on this machine, spawned (nothing CUDA-related is inherited), and its pipe."""
+    """A worker process on this machine (forked from daemon.workerserver's server), and its pipe."""
 
     def __init__(self, index: int, process: Any, conn: Any) -> None:
         self.index = index
@@ -103,13 +102,10 @@ class ProcessLauncher:
     """Workers as processes on this machine, each with its own pipe."""
 
     def __init__(self) -> None:
-        self._ctx = mp.get_context("spawn")
+        workerserver.start()  # if the run did not start it earlier
+        self._ctx = workerserver.worker_context()
 
     def start(self, index: int, settings: Settings, paths: WorkerPaths) -> WorkerLink:
-        # Frames are made on the decoding thread and freed on clip threads; glibc's default of an
-        # arena per thread then keeps ~50 MB more resident per worker (measured). Set before the
-        # spawn, since glibc reads it once at start; a value the user set is kept.
-        os.environ.setdefault("MALLOC_ARENA_MAX", "2")
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
             target=worker_main,
@@ -130,4 +126,4 @@ class ProcessLauncher:
         wait_any(waitables, timeout=timeout)
 
     def close(self) -> None:
-        pass
+        workerserver.stop()

@@ -446,7 +446,8 @@ def start_worker(
 
 
 def worker_main(index: int, conn: WorkerChannel, settings: Settings, paths: WorkerPaths) -> None:
-    """Entry point of a worker process (spawned, so nothing CUDA-related is inherited)."""
+    """Entry point of a worker process (forked from daemon.workerserver's server, which never
+    touches a GPU: nothing CUDA-related is inherited)."""
     # Ctrl-C, and the hang-up of a closed terminal or SSH session, reach the whole process group;
     # the supervisor decides how workers stop (in-flight clips first).
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -31,7 +31,7 @@ LAYERS: list[set[str]] = [
         "daemon.conditions",
         "daemon.workqueue",
     },
-    {"daemon.links", "daemon.ray_links"},
+    {"daemon.links", "daemon.ray_links", "daemon.preload"},
     {"daemon.worker"},
     {"daemon.backends"},
     {"daemon.cutter"},
@@ -84,6 +84,7 @@ LAYERS: list[set[str]] = [
         "daemon.diskspace",
         "daemon.locking",
         "daemon.metrics",
+        "daemon.workerserver",
     },
 ]
 
