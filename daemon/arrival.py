@@ -27,7 +27,7 @@ from typing import Any
 
 from loguru import logger
 
-from daemon.backpart import BackPart, HandedOver
+from daemon.backpart import CHUNK_BYTES, BackPart, HandedOver, RestOfFile
 from daemon.config import DownloadSettings, OutputSettings
 from daemon.download import DownloadCancelled, DownloadFailure, download, ytdlp_options
 
@@ -392,11 +392,11 @@ class BackgroundDownload:
         return max(0, total - self._downloaded)
 
     def _split(self, status: dict[str, Any], block: int) -> None:
-        """In yt-dlp's progress hook (after a read of `block` bytes): start the back part when a
-        connection was offered; stop yt-dlp (HandedOver) before its next read would reach the back
-        part's bytes. Its reads wait for a whole block of up to 4 MiB: one read past the back part's
-        start would fetch that much twice. The few bytes left before it come on a request of
-        their own (`_join_back_part`)."""
+        """In yt-dlp's progress hook (after a read of `block` bytes): when a connection was offered,
+        it fetches the chunk past yt-dlp's next read; yt-dlp is stopped (HandedOver) before its next
+        read would reach that chunk. Its reads wait for a whole block of up to 4 MiB: one read into
+        the chunk would fetch that much twice. The few bytes left before the chunk come on a
+        request of their own, then the rest in chunks on two connections (`_join_back_part`)."""
         back, downloaded = self._back, self._downloaded
         if back is not None:
             if downloaded + block >= back.first_byte:
@@ -413,52 +413,45 @@ class BackgroundDownload:
         total = self.arrival.total_bytes
         if not self._may_split or total is None or not info.get("url"):
             return
-        # Half of what is left, but past yt-dlp's next read (up to twice its last), which has begun.
-        first = downloaded + max((total - downloaded) // 2, 2 * block)
-        if total - downloaded < self._split_min_bytes or total - first < self._split_min_bytes // 2:
+        # The chunk past yt-dlp's next read (up to twice its last), which has begun.
+        first = downloaded + 2 * block
+        if total - downloaded < self._split_min_bytes or first >= total:
             logger.info(f"no second connection for {self.url}: {(total - downloaded) / 1e6:.1f} MB left")
             return
         self._back = BackPart(
             info["url"],
             dict(info.get("http_headers") or {}),
             first,
-            total,
+            min(total, first + CHUNK_BYTES),
             total,
             Path(f"{status['tmpfilename']}.back"),
             self._options,
             self.cancelled,
         ).start()
         logger.info(
-            f"a spare connection fetches the last {(total - first) / 1e6:.1f} MB of {self.url} "
-            f"(bytes {first}-{total - 1}); this one fetches the {(first - downloaded) / 1e6:.1f} MB before"
+            f"a spare connection joins the download of {self.url} from byte {first} "
+            f"({(total - downloaded) / 1e6:.1f} MB left): the rest comes on two connections"
         )
 
     def _join_back_part(self, fetch: Callable[[], Path]) -> Path:
-        """yt-dlp stopped where the back part begins: its bytes are appended as they come, and the
-        file takes its final name as yt-dlp would give it. If the back part fails, yt-dlp goes on
-        from the end of the file (it resumes a `.part` file) on its own connection."""
+        """yt-dlp stopped before the chunk the spare connection fetches: the rest comes in chunks on
+        two connections, appended in order as it arrives, and the file takes its final name as
+        yt-dlp would give it. If a chunk fails, yt-dlp goes on from the end of the file (it resumes
+        a `.part` file) on its own connection."""
         back, arrival = self._back, self.arrival
         assert back is not None and arrival.part_path is not None and arrival.final_path is not None
         self._back = None
-        gap: BackPart | None = None
+        # yt-dlp closed its file on the way out: it holds every byte before `have`.
+        rest = RestOfFile(back, arrival.part_path.stat().st_size)
         try:
-            have = arrival.part_path.stat().st_size  # yt-dlp closed its file on the way out
-            if have < back.first_byte:
-                gap = back.before(have)
-                gap.append_to(arrival.part_path, self._appended, self.cancelled)
-            back.append_to(arrival.part_path, self._appended, self.cancelled)
+            rest.append_to(arrival.part_path, self._appended, self.cancelled)
         except DownloadCancelled:
+            rest.give_up()
             raise
         except Exception as exc:  # noqa: BLE001 - the download goes on without it
-            for part in (back, gap):
-                if part is not None:
-                    part.give_up(wait_seconds=5)
+            rest.give_up(wait_seconds=5)
             logger.warning(f"{self.url}: the second connection failed ({exc}); yt-dlp fetches the rest")
             return fetch()
-        finally:
-            back.path.unlink(missing_ok=True)
-            if gap is not None:
-                gap.path.unlink(missing_ok=True)
         # The rename yt-dlp would do at its end, within the worker's temp folder: not an output.
         arrival.part_path.replace(arrival.final_path)
         return arrival.final_path
