@@ -64,6 +64,9 @@ class _Sink:
     def frame_decoded(self) -> None:
         pass
 
+    def waiting(self, seconds: float) -> None:
+        pass
+
 
 def timed(label: str, frames: int, run: Callable[[], object], sync: Callable[[], None]) -> float:
     sync()
