@@ -6,6 +6,7 @@ The top of the import graph: nothing in the package imports this module.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -275,8 +276,6 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # The reader went away (`… | head`): nothing more to say, and nowhere to say it. Python would
         # also complain when it flushes stdout at exit, so stdout points at /dev/null from here on.
-        import os
-
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
