@@ -43,18 +43,25 @@ def offered_once_started(download: BackgroundDownload, after_bytes: int, seconds
     raise AssertionError("the download never got going")
 
 
-def test_a_spare_connection_fetches_the_rest_in_chunks_in_order_and_the_file_is_the_same(
-    server: MediaServer, tmp_path: Path
-) -> None:
-    body = os.urandom(12_000_000)  # three 4 MiB chunks after the offer
-    url = server.add("big.mp4", body, bytes_per_second=3_000_000)  # 4 s on one connection
+def downloaded_with_an_offer(url: str, folder: Path, body: bytes) -> None:
+    """Downloads `url` into `folder`, offering a spare connection once it is under way; the file
+    must come out whole, the same bytes, with nothing left beside it."""
     download_config, output = download_settings()
-    download = BackgroundDownload(url, tmp_path / "dl", download_config, output).start()  # type: ignore[arg-type]
+    download = BackgroundDownload(url, folder, download_config, output).start()  # type: ignore[arg-type]
     offered_once_started(download, after_bytes=300_000)
     download.arrival.wait_for_end()
     assert download.arrival.error is None
     assert download.arrival.final_path is not None
     assert download.arrival.final_path.read_bytes() == body
+    assert sorted(p.name for p in folder.iterdir()) == [url.rsplit("/", 1)[1]]  # no side files left
+
+
+def test_a_spare_connection_fetches_the_rest_in_chunks_in_order_and_the_file_is_the_same(
+    server: MediaServer, tmp_path: Path
+) -> None:
+    body = os.urandom(12_000_000)  # three 4 MiB chunks after the offer
+    url = server.add("big.mp4", body, bytes_per_second=3_000_000)  # 4 s on one connection
+    downloaded_with_an_offer(url, tmp_path / "dl", body)
     route = server.routes["/big.mp4"]
     # After yt-dlp's own request: ranges that tile the rest of the file, the last to its end.
     spans = sorted(tuple(int(n) for n in r[6:].split("-")) for r in route.ranges)
@@ -62,7 +69,6 @@ def test_a_spare_connection_fetches_the_rest_in_chunks_in_order_and_the_file_is_
     assert all(after[0] == before[1] + 1 for before, after in zip(spans, spans[1:], strict=False))
     assert 300_000 <= spans[0][0] < 4_000_000
     assert route.served_bytes <= len(body) + OVERLAP_BYTES  # not fetched twice
-    assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["big.mp4"]  # no side files left
 
 
 def test_a_second_connection_that_breaks_leaves_the_download_whole(
@@ -71,15 +77,8 @@ def test_a_second_connection_that_breaks_leaves_the_download_whole(
     body = os.urandom(3_000_000)
     # GET 1 is yt-dlp's look-up, 2 the download, 3 the back part: it breaks a third of the way.
     url = server.add("big.mp4", body, bytes_per_second=600_000, drop_gets=(3,))
-    download_config, output = download_settings()
-    download = BackgroundDownload(url, tmp_path / "dl", download_config, output).start()  # type: ignore[arg-type]
-    offered_once_started(download, after_bytes=300_000)
-    download.arrival.wait_for_end()
-    assert download.arrival.error is None
-    assert download.arrival.final_path is not None
-    assert download.arrival.final_path.read_bytes() == body
+    downloaded_with_an_offer(url, tmp_path / "dl", body)
     assert server.routes["/big.mp4"].gets >= 3
-    assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["big.mp4"]
 
 
 def test_no_spare_connection_under_a_rate_limit_or_when_turned_off(
