@@ -9,7 +9,7 @@ import sys
 import threading
 from typing import NoReturn
 
-from daemon.cli import main
+from daemon.cli import EXIT_FAILED, main
 
 
 def entry() -> NoReturn:
@@ -33,8 +33,16 @@ def end_process(code: int) -> NoReturn:
         raise SystemExit(code)
     atexit._run_exitfuncs()  # noqa: SLF001 - the handlers an ordinary exit runs, in their order
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
+        try:
             stream.flush()
+        except BrokenPipeError:
+            pass  # the reader went away (`… | head`), as main() treats it
+        except (OSError, ValueError) as exc:
+            # Output cut short at the last flush (a full disk under `status > file`) must not
+            # exit 0: an ordinary exit would fail too.
+            with contextlib.suppress(Exception):
+                print(f"download_and_process: cannot write the output: {exc}", file=sys.stderr)
+            code = code or EXIT_FAILED
     os._exit(code)
 
 

@@ -112,3 +112,31 @@ def test_status_without_a_folder_says_what_to_give(
     monkeypatch.chdir(tmp_path)
     assert main(["status"]) == EXIT_USAGE
     assert "give --output-dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("form", ["--json", "--text"])
+def test_status_cut_short_by_a_full_disk_says_so_and_does_not_exit_0(
+    ledger: Ledger, tmp_path: Path, form: str
+) -> None:
+    """Output that cannot be written, in the middle (the JSON) or at the last flush (the text, which
+    fits the buffer), fails the command with one line saying so, never a traceback or exit 0."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    command = [sys.executable, "-m", "daemon", "status", "--output-dir", str(tmp_path / "out")]
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            command + (["--json"] if form == "--json" else []),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env=dict(os.environ, PYTHONPATH=str(root)),
+            timeout=120,
+        )
+    assert result.returncode == 1, result.stderr
+    assert "download_and_process: cannot write the output" in result.stderr, result.stderr
+    assert "No space left on device" in result.stderr
+    assert "Traceback" not in result.stderr
