@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import os
 import sys
 import threading
@@ -14,7 +15,20 @@ from daemon.cli import EXIT_FAILED, main
 
 def entry() -> NoReturn:
     """The program's entry point (the console script and `python -m daemon`): `main`, then the end."""
-    end_process(main())
+    try:
+        code = main()
+    except OSError as exc:
+        # What a command prints (`status`, `logs`) could not be written: a full disk or quota under
+        # `… > file`. Files the commands name themselves report their own errors, with the path.
+        if exc.filename is not None or exc.errno not in OUTPUT_FULL:
+            raise
+        print(f"download_and_process: cannot write the output: {exc.strerror}", file=sys.stderr)
+        code = EXIT_FAILED
+    end_process(code)
+
+
+# The errors of a write to standard output that found no room.
+OUTPUT_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def end_process(code: int) -> NoReturn:

@@ -6,7 +6,6 @@ The top of the import graph: nothing in the package imports this module.
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 from pathlib import Path
@@ -280,17 +279,6 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
-    except OSError as exc:
-        # What a command prints (`status`, `logs`) could not be written: a full disk or quota under
-        # `… > file`. Files the commands name themselves report their own errors, with the path.
-        if exc.filename is not None or exc.errno not in OUTPUT_FULL:
-            raise
-        print(f"download_and_process: cannot write the output: {exc.strerror}", file=sys.stderr)
-        return EXIT_FAILED
-
-
-# The errors of a write to standard output that found no room.
-OUTPUT_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _logs(args: argparse.Namespace) -> int:
