@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import os
@@ -11,7 +12,7 @@ import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from loguru import logger
 
@@ -27,6 +28,17 @@ LINE_FORMAT = (
 CONSOLE_FORMAT = "<level>{level: <7}</level> | {extra[worker]} | {extra[video_id]} | {message}"
 # loguru's levels, lowest first (CRITICAL is never written by the program, but can be asked for).
 LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
+
+
+def close_and_leave(code: int = 0) -> NoReturn:
+    """Ends a process that has nothing left to save at once, without the interpreter's teardown
+    (freeing the modules it loaded takes tenths of a second, at the end of every run). Its log
+    files are closed first, so that their last lines are there, and its standard streams flushed."""
+    logger.remove()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def worker_log_path(log_dir: Path, index: int) -> Path:

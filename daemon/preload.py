@@ -11,11 +11,8 @@ process that forks.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import importlib
-import os
 import signal
-import sys
 
 # Loaded here in this order: yt-dlp with its networking (a worker's first URL), then the worker's
 # own modules (PyAV, numpy, loguru, the cutter).
@@ -38,20 +35,15 @@ def _compile_extractor_patterns() -> None:
         extractor.suitable("https://example.invalid/video")
 
 
-def _leave() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(0)
-
-
 def _end_without_teardown() -> None:
     """The server ends when its run closes it, at the end of every run and after its last clip:
     freeing what was loaded here took it 0.17 s, which the run waited for. Nothing in it is left to
     save, so it leaves at once: after the exit handlers registered later (those run first), before
     those registered earlier (multiprocessing's own, which have nothing of the server's to do).
     Workers forked from it never run this: each ends with os._exit."""
-    atexit.register(_leave)
+    from daemon.logs import close_and_leave  # here: after the signals are set
+
+    atexit.register(close_and_leave)
 
 
 _outlive_group_signals()  # first, before the second or so the rest takes

@@ -114,9 +114,9 @@ def test_status_without_a_folder_says_what_to_give(
     assert "give --output-dir" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("form", ["--json", "--text"])
+@pytest.mark.parametrize("extra", [["--json"], []], ids=["json", "text"])
 def test_status_cut_short_by_a_full_disk_says_so_and_does_not_exit_0(
-    ledger: Ledger, tmp_path: Path, form: str
+    ledger: Ledger, tmp_path: Path, extra: list[str]
 ) -> None:
     """Output that cannot be written, in the middle (the JSON) or at the last flush (the text, which
     fits the buffer), fails the command with one line saying so, never a traceback or exit 0."""
@@ -128,7 +128,7 @@ def test_status_cut_short_by_a_full_disk_says_so_and_does_not_exit_0(
     command = [sys.executable, "-m", "daemon", "status", "--output-dir", str(tmp_path / "out")]
     with open("/dev/full", "w") as full:
         result = subprocess.run(
-            command + (["--json"] if form == "--json" else []),
+            command + extra,
             stdout=full,
             stderr=subprocess.PIPE,
             text=True,
